@@ -1,0 +1,159 @@
+"""One typed configuration for a Diffusion-DPO run, with named presets and validation.
+
+``TrainConfig`` is the single source of truth: the CLI builds its flags from these fields (the help
+text is each field's ``metadata["help"]``), notebooks and tests construct it directly, and
+:func:`get_preset` returns the named recipes (``toy`` is the offline default).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .loss import LOSS_TYPES
+
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+PREDICTION_TYPES = (None, "epsilon", "v_prediction")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field, the value and what is expected."""
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a Diffusion-DPO LoRA (or full) fine-tuning run."""
+
+    # what to train on
+    pretrained: str = _f("", "diffusers pipeline folder or hub id (SD 1.x/2.x or SDXL)")
+    vae: str | None = _f(None, "optional separate VAE folder or hub id (e.g. the SDXL fp16-fix VAE)")
+    dataset: str = _f("", "Pick-a-Pic-format data: hub id, folder of parquet files, or a .parquet file")
+    split: str = _f("train", "dataset split to train on")
+    streaming: bool = _f(False, "stream the dataset instead of loading it (for the 335 GB Pick-a-Pic v2)")
+    max_train_pairs: int | None = _f(None, "use at most this many pairs (after tie removal)")
+    output_dir: str = _f("runs/dpo", "where the LoRA, history.jsonl and checkpoints go")
+    # the DPO objective
+    beta: float = _f(5000.0, "the paper's beta (diffusers SD script's beta_dpo is half of it)")
+    loss_type: str = _f("sigmoid", f"one of {', '.join(LOSS_TYPES)}")
+    # optimisation
+    max_steps: int = _f(1000, "optimizer steps")
+    batch_size: int = _f(1, "preference pairs per process per micro-batch (each pair = 2 images)")
+    grad_accum: int = _f(1, "micro-batches accumulated per optimizer step")
+    lr: float = _f(1e-5, "learning rate")
+    lr_scheduler: str = _f("constant", f"one of {', '.join(LR_SCHEDULERS)}")
+    lr_warmup_steps: int = _f(0, "warm-up steps for the lr schedule")
+    weight_decay: float = _f(1e-2, "AdamW weight decay")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
+    use_8bit_adam: bool = _f(False, "bitsandbytes 8-bit AdamW (needs bitsandbytes and a GPU)")
+    # what is trained
+    rank: int = _f(8, "LoRA rank")
+    lora_alpha: int | None = _f(None, "LoRA alpha (default: equal to rank)")
+    full_finetune: bool = _f(False, "train the whole UNet against a frozen copy (the paper's setting)")
+    # images and captions
+    resolution: int = _f(512, "training resolution in pixels (multiple of 8)")
+    random_crop: bool = _f(False, "random instead of center crop (same window for both images)")
+    random_flip: bool = _f(True, "horizontal flip with p=0.5 (same flip for both images)")
+    empty_prompt_prob: float = _f(0.0, "probability of replacing a caption by '' (official code: 0.2)")
+    prediction_type: str | None = _f(None, "override the scheduler's prediction type (epsilon / v_prediction)")
+    # speed and memory
+    mixed_precision: str = _f("no", f"one of {', '.join(MIXED_PRECISIONS)}")
+    gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
+    # bookkeeping
+    seed: int = _f(0, "random seed (data order, noise, timesteps, LoRA init)")
+    checkpoint_every: int = _f(0, "save a resumable checkpoint every N steps (0: only at the end)")
+    checkpoints_total_limit: int | None = _f(None, "keep at most this many checkpoints")
+    resume: str | None = _f(None, "'latest' or a checkpoint folder to resume from")
+    report_to: str | None = _f(None, "also log to 'tensorboard' or 'wandb' through accelerate")
+    num_threads: int | None = _f(None, "CPU threads per process for torch (default: cores / processes)")
+    sample_grid: bool = _f(True, "at the end, write a base-vs-DPO image grid (samples.png)")
+    sample_steps: int = _f(25, "denoising steps for the image grid")
+    guidance_scale: float = _f(7.5, "classifier-free guidance scale for the image grid")
+
+    def validate(self) -> "TrainConfig":
+        """Raise :class:`ConfigError` naming the first invalid field; return ``self`` when all is well."""
+        checks = [
+            (bool(self.pretrained), "pretrained", "a pipeline folder or hub id"),
+            (bool(self.dataset), "dataset", "a Pick-a-Pic-format hub id, folder or .parquet file"),
+            (self.resolution >= 8 and self.resolution % 8 == 0, "resolution", "a positive multiple of 8"),
+            (self.beta > 0, "beta", "a number > 0 (the paper uses 2000-5000)"),
+            (self.batch_size >= 1, "batch_size", "an integer >= 1"),
+            (self.grad_accum >= 1, "grad_accum", "an integer >= 1"),
+            (self.max_steps >= 1, "max_steps", "an integer >= 1"),
+            (self.lr > 0, "lr", "a number > 0"),
+            (self.rank >= 1, "rank", "an integer >= 1"),
+            (self.lora_alpha is None or self.lora_alpha > 0, "lora_alpha", "a number > 0"),
+            (0.0 <= self.empty_prompt_prob <= 1.0, "empty_prompt_prob", "a probability in [0, 1]"),
+            (self.loss_type in LOSS_TYPES, "loss_type", f"one of {LOSS_TYPES}"),
+            (self.mixed_precision in MIXED_PRECISIONS, "mixed_precision", f"one of {MIXED_PRECISIONS}"),
+            (self.lr_scheduler in LR_SCHEDULERS, "lr_scheduler", f"one of {LR_SCHEDULERS}"),
+            (self.prediction_type in PREDICTION_TYPES, "prediction_type", "epsilon or v_prediction"),
+            (self.lr_warmup_steps >= 0, "lr_warmup_steps", "an integer >= 0"),
+            (self.checkpoint_every >= 0, "checkpoint_every", "an integer >= 0"),
+            (self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
+             "checkpoints_total_limit", "an integer >= 1"),
+            (self.max_train_pairs is None or self.max_train_pairs >= 1, "max_train_pairs", "an integer >= 1"),
+            (self.max_grad_norm >= 0, "max_grad_norm", "a number >= 0"),
+            (self.report_to in (None, "tensorboard", "wandb"), "report_to", "tensorboard or wandb"),
+            (self.num_threads is None or self.num_threads >= 1, "num_threads", "an integer >= 1"),
+        ]
+        for ok, name, expected in checks:
+            if not ok:
+                raise ConfigError(f"invalid {name}={getattr(self, name)!r}: expected {expected}")
+        if self.full_finetune and self.loss_type != "sft" and self.mixed_precision == "fp16":
+            raise ConfigError("full_finetune with mixed_precision='fp16' is unsupported: use 'bf16' or 'no'")
+        return self
+
+    def replace(self, **changes) -> "TrainConfig":
+        """A copy with ``changes`` applied (unknown names raise :class:`ConfigError`)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; valid fields: {sorted(names)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """Plain dict of every field (JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+
+def toy_assets_dir() -> Path:
+    """Folder of the shipped toy assets (``tiny-sd-shapes`` pipeline and ``pickapic-shapes`` pairs)."""
+    return Path(__file__).resolve().parent / "toy" / "assets"
+
+
+def _presets() -> dict[str, dict]:
+    toy = toy_assets_dir()
+    return {
+        # the offline default: tiny SD + toy pairs shipped in the package (see dpo_tutorial/toy)
+        "toy": dict(pretrained=str(toy / "tiny-sd-shapes"), dataset=str(toy / "pickapic-shapes"),
+                    resolution=32, batch_size=16, max_steps=300, lr=1e-3, beta=500.0, rank=8,
+                    random_flip=False, checkpoint_every=100, output_dir="runs/toy"),
+        # SD 1.5 on one Colab GPU. beta 5000 = the diffusers SD script's beta_dpo 2500.
+        "sd15": dict(pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                     dataset="yuvalkirstain/pickapic_v2", streaming=True, resolution=512,
+                     batch_size=2, grad_accum=8, lr=1e-5, beta=5000.0, rank=8, max_steps=2000,
+                     mixed_precision="fp16", gradient_checkpointing=True, checkpoint_every=500,
+                     output_dir="runs/sd15"),
+        # SDXL on one big GPU or several (accelerate launch). The fp16-fix VAE avoids NaNs in fp16.
+        "sdxl": dict(pretrained="stabilityai/stable-diffusion-xl-base-1.0",
+                     vae="madebyollin/sdxl-vae-fp16-fix", dataset="yuvalkirstain/pickapic_v2",
+                     streaming=True, resolution=1024, batch_size=1, grad_accum=16, lr=1e-5,
+                     beta=5000.0, rank=8, max_steps=2000, mixed_precision="fp16",
+                     gradient_checkpointing=True, checkpoint_every=500, output_dir="runs/sdxl"),
+    }
+
+
+PRESET_NAMES = ("toy", "sd15", "sdxl")
+
+
+def get_preset(name: str = "toy", **overrides) -> TrainConfig:
+    """The named recipe as a validated :class:`TrainConfig`, with ``overrides`` applied."""
+    presets = _presets()
+    if name not in presets:
+        raise ConfigError(f"unknown preset {name!r}; expected one of {PRESET_NAMES}")
+    return TrainConfig().replace(**{**presets[name], **overrides}).validate()

@@ -1,0 +1,309 @@
+"""Pick-a-Pic v2 preference pairs: loading, tie removal, winner-first order, paired transforms.
+
+A Pick-a-Pic row holds one caption, two JPEGs (``jpg_0``, ``jpg_1``) and ``label_0`` (1: image 0 was
+preferred, 0: image 1 was, 0.5: a tie; ``label_1 = 1 - label_0``). A training batch of ``B`` pairs is
+laid out as ``2B`` images: the ``B`` winners ``x_w`` first, then the ``B`` losers ``x_l`` in the same
+pair order; row ``i`` and row ``i + B`` share a caption (and, in training, noise and timestep).
+Both images of a pair get the *same* crop window and the *same* flip.
+"""
+from __future__ import annotations
+
+import io
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+PICKAPIC_SCHEMA = {
+    "are_different": "bool", "best_image_uid": "string", "caption": "string",
+    "created_at": "timestamp[ns]", "has_label": "bool", "image_0_uid": "string",
+    "image_0_url": "string", "image_1_uid": "string", "image_1_url": "string",
+    "jpg_0": "binary (JPEG bytes)", "jpg_1": "binary (JPEG bytes)", "label_0": "float64",
+    "label_1": "float64", "model_0": "string", "model_1": "string", "ranking_id": "int64",
+    "user_id": "int64", "num_example_per_prompt": "int64",
+}
+REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
+
+
+class DataError(ValueError):
+    """The dataset cannot be used; the message names the source, column or value and what was expected."""
+
+
+# ----------------------------------------------------------------------------------------- loading
+def _local_parquet_files(root: Path, split: str) -> list[str]:
+    """Parquet files of ``split`` under a local folder, in the layouts people actually have."""
+    for pattern in (f"{split}.parquet", f"{split}/*.parquet", f"data/{split}-*.parquet",
+                    f"data/{split}/*.parquet", f"{split}-*.parquet"):
+        files = sorted(root.glob(pattern))
+        if files:
+            return [str(f) for f in files]
+    found = sorted(str(p.relative_to(root)) for p in root.rglob("*.parquet"))[:10]
+    raise DataError(f"no parquet files for split {split!r} under {root}; looked for {split}.parquet, "
+                    f"{split}/*.parquet and data/{split}-*.parquet; found: {found or 'no parquet files'}")
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or source.endswith(".parquet") or source.count("/") > 1
+
+
+def load_pickapic(source: str, split: str = "train", streaming: bool = False):
+    """Load Pick-a-Pic-format pairs from a hub id, a folder of parquet files or one ``.parquet`` file.
+
+    Returns a ``datasets.Dataset`` (or ``IterableDataset`` when ``streaming``) after checking that the
+    required columns are present (:func:`check_columns`).
+    """
+    import datasets
+
+    path = Path(source).expanduser()
+    if path.is_file():
+        files: list[str] | None = [str(path)]
+    elif path.is_dir():
+        files = _local_parquet_files(path, split)
+    elif _looks_like_path(source):
+        raise DataError(f"dataset {source!r} does not exist: expected a .parquet file, a folder of "
+                        "parquet files or a hub id such as 'yuvalkirstain/pickapic_v2'")
+    else:
+        files = None
+    try:
+        if files is not None:
+            ds = datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming)
+        else:
+            ds = datasets.load_dataset(source, split=split, streaming=streaming)
+    except (ConnectionError, OSError) as err:
+        raise DataError(f"could not load dataset {source!r} split {split!r} from the Hugging Face Hub "
+                        f"({type(err).__name__}: {str(err)[:200]}). Offline? Pass a local parquet file "
+                        "or folder in the Pick-a-Pic v2 schema instead.") from err
+    check_columns(ds.column_names, source)
+    return ds
+
+
+def check_columns(column_names, source: str = "dataset") -> None:
+    """Fail at once when a required Pick-a-Pic column is missing, naming it and the expected schema."""
+    if column_names is None:  # a stream whose features are unknown: checked on the first row instead
+        return
+    missing = [c for c in REQUIRED_COLUMNS if c not in column_names]
+    if missing:
+        schema = ", ".join(f"{k}: {v}" for k, v in PICKAPIC_SCHEMA.items())
+        raise DataError(f"{source} is missing required column(s) {missing} (has {list(column_names)}). "
+                        f"Expected the Pick-a-Pic v2 schema; required: {list(REQUIRED_COLUMNS)}; full: {schema}")
+
+
+def pair_order(label_0) -> str:
+    """``'0'`` when image 0 won, ``'1'`` when image 1 won, ``'tie'`` for 0.5, ``'invalid'`` otherwise.
+
+    Labels strictly between 0 and 1 (averaged votes) go to the larger side; NaN, None or values outside
+    [0, 1] are invalid.
+    """
+    if label_0 is None:
+        return "invalid"
+    label = float(label_0)
+    if math.isnan(label) or not 0.0 <= label <= 1.0:
+        return "invalid"
+    if label == 0.5:
+        return "tie"
+    return "0" if label > 0.5 else "1"
+
+
+# ---------------------------------------------------------------------------------------- decoding
+def decode_image(data) -> Image.Image:
+    """JPEG/PNG/... bytes (or a PIL image) -> RGB PIL image; grayscale, CMYK, palette and RGBA included.
+
+    Raises ``ValueError`` when the bytes are empty or not a readable image.
+    """
+    if isinstance(data, Image.Image):
+        return data.convert("RGB")
+    if isinstance(data, dict):  # datasets' Image feature stores {"bytes": ..., "path": ...}
+        data = data.get("bytes")
+    if not data:
+        raise ValueError("empty image bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return img.convert("RGB")
+    except Exception as err:  # PIL raises several types for truncated or corrupt data
+        raise ValueError(f"undecodable image ({type(err).__name__}: {err})") from err
+
+
+@dataclass
+class PairTransform:
+    """Resize (shorter side), crop and flip applied *identically* to both images of a pair."""
+
+    resolution: int
+    random_crop: bool = False
+    random_flip: bool = True
+
+    def _one(self, img: Image.Image, fx: float, fy: float, flip: bool):
+        w, h = img.size
+        scale = self.resolution / min(w, h)
+        new_w, new_h = max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale))
+        img = img.resize((new_w, new_h), Image.BILINEAR)
+        left = round(fx * (new_w - self.resolution))
+        top = round(fy * (new_h - self.resolution))
+        img = img.crop((left, top, left + self.resolution, top + self.resolution))
+        if flip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            left = new_w - left - self.resolution  # the window's top-left in the flipped frame
+        array = np.asarray(img, dtype=np.float32)  # (H, W, 3) in [0, 255]
+        x = torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0  # (3, H, W) in [-1, 1]
+        return x, (h, w), (top, left)
+
+    def __call__(self, img_a: Image.Image, img_b: Image.Image, rng: random.Random):
+        """Transform both images with one crop window (relative position) and one flip decision."""
+        fx, fy = (rng.random(), rng.random()) if self.random_crop else (0.5, 0.5)
+        flip = self.random_flip and rng.random() < 0.5
+        return self._one(img_a, fx, fy, flip), self._one(img_b, fx, fy, flip)
+
+
+@dataclass
+class PairExample:
+    """One preference pair, ready for collation: the winner ``x_w`` and the loser ``x_l``."""
+
+    caption: str
+    x_w: torch.Tensor  # (3, H, W) in [-1, 1]
+    x_l: torch.Tensor  # (3, H, W) in [-1, 1]
+    original_size_w: tuple[int, int]  # (height, width) before resizing: SDXL micro-conditioning
+    original_size_l: tuple[int, int]
+    crop_top_left_w: tuple[int, int]  # (top, left) of the crop window
+    crop_top_left_l: tuple[int, int]
+
+
+def make_example(row: dict, transform: PairTransform, rng: random.Random,
+                 empty_prompt_prob: float = 0.0) -> PairExample:
+    """Turn one dataset row into a winner-first :class:`PairExample`.
+
+    Raises ``ValueError`` for ties, invalid labels or undecodable images (callers skip and count).
+    """
+    order = pair_order(row["label_0"])
+    if order in ("tie", "invalid"):
+        raise ValueError(order)
+    winner, loser = ("jpg_0", "jpg_1") if order == "0" else ("jpg_1", "jpg_0")
+    img_w, img_l = decode_image(row[winner]), decode_image(row[loser])
+    (x_w, size_w, crop_w), (x_l, size_l, crop_l) = transform(img_w, img_l, rng)
+    caption = row["caption"] or ""
+    if empty_prompt_prob > 0 and rng.random() < empty_prompt_prob:
+        caption = ""
+    return PairExample(caption, x_w, x_l, size_w, size_l, crop_w, crop_l)
+
+
+def collate_pairs(examples: list[PairExample]) -> dict:
+    """Stack ``B`` pairs into the ``2B`` winners-then-losers layout.
+
+    Returns ``pixel_values`` ``(2B, 3, H, W)``, ``captions`` (``B`` strings, one per pair),
+    ``original_sizes`` and ``crop_top_lefts`` ``(2B, 2)`` (winners then losers).
+    """
+    if not examples:
+        raise ValueError("cannot collate an empty list of pairs")
+    pixel_values = torch.stack([e.x_w for e in examples] + [e.x_l for e in examples])  # (2B, 3, H, W)
+    sizes = [e.original_size_w for e in examples] + [e.original_size_l for e in examples]
+    crops = [e.crop_top_left_w for e in examples] + [e.crop_top_left_l for e in examples]
+    return {
+        "pixel_values": pixel_values,
+        "captions": [e.caption for e in examples],
+        "original_sizes": torch.tensor(sizes, dtype=torch.long),  # (2B, 2)
+        "crop_top_lefts": torch.tensor(crops, dtype=torch.long),  # (2B, 2)
+    }
+
+
+# ------------------------------------------------------------------------------------- iteration
+@dataclass
+class PairStream:
+    """Endless, seeded, resumable stream of batches of winner-first pairs.
+
+    Each epoch visits the non-tie rows in a fresh seeded order (``datasets.Dataset``) or a seeded
+    shuffle buffer (``IterableDataset``). Ties, invalid labels and undecodable images are skipped and
+    counted in ``skipped`` — a bad row never stops training. ``state_dict()`` / ``load_state_dict()``
+    record the epoch and position so a resumed run sees exactly the pairs it would have seen.
+    """
+
+    dataset: object
+    transform: PairTransform
+    batch_size: int
+    seed: int = 0
+    empty_prompt_prob: float = 0.0
+    max_pairs: int | None = None
+    epoch: int = 0
+    position: int = 0
+    skipped: Counter = field(default_factory=Counter)
+
+    def __post_init__(self):
+        self.streaming = not hasattr(self.dataset, "__len__")
+        self._indices = None if self.streaming else self._valid_indices()
+
+    def _valid_indices(self) -> list[int]:
+        """Row indices with a usable label (ties and invalid labels counted, once)."""
+        orders = [pair_order(label) for label in self.dataset["label_0"]]
+        counts = Counter(orders)
+        self.ties = counts["tie"]
+        self.invalid_labels = counts["invalid"]
+        keep = [i for i, o in enumerate(orders) if o in ("0", "1")]
+        if not keep:
+            raise DataError(f"no usable pairs: {len(orders)} rows, {self.ties} ties, "
+                            f"{self.invalid_labels} invalid labels (label_0 must be 0, 1 or in between)")
+        return keep[: self.max_pairs] if self.max_pairs else keep
+
+    def __len__(self) -> int:
+        """Number of usable pairs per epoch (non-streaming datasets only)."""
+        if self._indices is None:
+            raise TypeError("a streamed dataset has no length")
+        return len(self._indices)
+
+    def _rows(self):
+        """Yield ``(key, row)`` for the current epoch, starting at ``self.position``."""
+        if self.streaming:
+            ds = self.dataset.shuffle(seed=self.seed, buffer_size=1000)
+            ds.set_epoch(self.epoch)
+            for i, row in enumerate(ds):
+                if self.max_pairs and i >= self.max_pairs:
+                    return
+                if i >= self.position:
+                    yield i, row
+            return
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(len(self._indices), generator=g).tolist()
+        for i in range(self.position, len(order)):
+            yield i, self.dataset[self._indices[order[i]]]
+
+    def _examples(self):
+        while True:
+            produced = False
+            for i, row in self._rows():
+                self.position = i + 1
+                rng = random.Random(f"{self.seed}-{self.epoch}-{i}")
+                try:
+                    example = make_example(row, self.transform, rng, self.empty_prompt_prob)
+                except KeyError as err:
+                    check_columns(list(row), "streamed dataset")
+                    raise DataError(f"row {i} has no column {err}") from err
+                except ValueError as err:
+                    kind = str(err) if str(err) in ("tie", "invalid") else "undecodable"
+                    self.skipped[kind] += 1
+                    continue
+                produced = True
+                yield example
+            if not produced and self.position == 0:
+                raise DataError("the dataset yielded no usable pair in a whole epoch "
+                                f"(skipped: {dict(self.skipped)})")
+            self.epoch, self.position = self.epoch + 1, 0
+
+    def __iter__(self):
+        """Yield collated batches of ``batch_size`` pairs forever (epochs roll over)."""
+        buffer = []
+        for example in self._examples():
+            buffer.append(example)
+            if len(buffer) == self.batch_size:
+                yield collate_pairs(buffer)
+                buffer = []
+
+    def state_dict(self) -> dict:
+        """Where the stream is, so a resumed run continues with the very next pair."""
+        return {"epoch": self.epoch, "position": self.position, "skipped": dict(self.skipped)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a position saved by :meth:`state_dict`."""
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.skipped = Counter(state.get("skipped", {}))

@@ -1,0 +1,136 @@
+"""Tiny random-weight stand-ins of exactly the real formats, for tests and benchmarks (no download).
+
+- :func:`build_tiny_pipeline`: an SD-shaped (or SDXL-shaped) diffusers pipeline folder that
+  ``StableDiffusionPipeline.from_pretrained`` / ``StableDiffusionXLPipeline.from_pretrained`` load.
+- :func:`write_pickapic_parquet`: a parquet file in the exact Pick-a-Pic v2 schema.
+"""
+from __future__ import annotations
+
+import io
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .tokenizer import build_clip_tokenizer
+
+WORDS = ["a", "an", "red", "green", "blue", "yellow", "circle", "square", "triangle", "photo", "of", "cat", "dog"]
+
+
+def _text_encoder(tokenizer, hidden: int, projection: bool, seed: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
+                            projection_dim=hidden, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def _vae(seed: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                         up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], latent_channels=4,
+                         layers_per_block=1, norm_num_groups=4, sample_size=32)
+
+
+def _unet(cross_dim: int, sample_size: int, sdxl: bool, seed: int, pooled_dim: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    extra = {}
+    if sdxl:
+        extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
+                     projection_class_embeddings_input_dim=6 * 8 + pooled_dim)
+    return UNet2DConditionModel(sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=[16, 32], norm_num_groups=8, attention_head_dim=4,
+                                down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                                up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+                                cross_attention_dim=cross_dim, **extra)
+
+
+def build_tiny_pipeline(out_dir: str | Path, sdxl: bool = False, prediction_type: str = "epsilon",
+                        resolution: int = 32, seed: int = 0) -> Path:
+    """Write a tiny random-weight SD (or SDXL) pipeline folder; return its path.
+
+    Same folders, classes and config keys as the real checkpoints: CLIP tokenizer(s), CLIP text
+    encoder(s) (SDXL: the second with a projection for pooled embeddings), an AutoencoderKL with a
+    downsampling factor of 2, a UNet2DConditionModel (SDXL: ``text_time`` micro-conditioning), and a
+    DDPM scheduler.
+    """
+    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    out = Path(out_dir)
+    tok = build_clip_tokenizer(WORDS, out / "tokenizer")
+    enc = _text_encoder(tok, 16, projection=False, seed=seed)
+    vae = _vae(seed + 1)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, prediction_type=prediction_type, clip_sample=False,
+                              steps_offset=1)
+    sample_size = resolution // 2
+    if not sdxl:
+        unet = _unet(16, sample_size, False, seed + 2)
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=enc, tokenizer=tok, unet=unet, scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    else:
+        tok2 = build_clip_tokenizer(WORDS, out / "tokenizer_2")
+        enc2 = _text_encoder(tok2, 16, projection=True, seed=seed + 3)
+        unet = _unet(32, sample_size, True, seed + 2, pooled_dim=16)
+        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=enc, text_encoder_2=enc2, tokenizer=tok,
+                                         tokenizer_2=tok2, unet=unet, scheduler=scheduler)
+    pipe.save_pretrained(str(out))
+    return out
+
+
+def encode_image(array: np.ndarray, fmt: str = "JPEG", mode: str | None = None) -> bytes:
+    """Encode an ``(H, W, 3)`` uint8 array as image bytes (JPEG by default; ``mode`` e.g. 'L' or 'CMYK')."""
+    from PIL import Image
+
+    img = Image.fromarray(array)
+    if mode:
+        img = img.convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, quality=95) if fmt == "JPEG" else img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def pickapic_row(caption: str, jpg_0: bytes, jpg_1: bytes, label_0: float, ranking_id: int = 0) -> dict:
+    """One row in the exact Pick-a-Pic v2 schema (uids derived from the ranking id)."""
+    uid0, uid1 = f"{ranking_id:08d}-0", f"{ranking_id:08d}-1"
+    best = "" if label_0 == 0.5 else (uid0 if label_0 > 0.5 else uid1)
+    return {"are_different": jpg_0 != jpg_1, "best_image_uid": best, "caption": caption,
+            "created_at": datetime(2023, 1, 1), "has_label": True, "image_0_uid": uid0,
+            "image_0_url": f"https://example.invalid/{uid0}.jpg", "image_1_uid": uid1,
+            "image_1_url": f"https://example.invalid/{uid1}.jpg", "jpg_0": jpg_0, "jpg_1": jpg_1,
+            "label_0": float(label_0), "label_1": 1.0 - float(label_0), "model_0": "tiny", "model_1": "tiny",
+            "ranking_id": ranking_id, "user_id": ranking_id % 7, "num_example_per_prompt": 1}
+
+
+def pickapic_arrow_schema():
+    """The pyarrow schema of Pick-a-Pic v2's parquet files (column order as on the hub)."""
+    import pyarrow as pa
+
+    s, b, i = pa.string(), pa.bool_(), pa.int64()
+    return pa.schema([("are_different", b), ("best_image_uid", s), ("caption", s),
+                      ("created_at", pa.timestamp("ns")), ("has_label", b), ("image_0_uid", s),
+                      ("image_0_url", s), ("image_1_uid", s), ("image_1_url", s), ("jpg_0", pa.binary()),
+                      ("jpg_1", pa.binary()), ("label_0", pa.float64()), ("label_1", pa.float64()),
+                      ("model_0", s), ("model_1", s), ("ranking_id", i), ("user_id", i),
+                      ("num_example_per_prompt", i)])
+
+
+def write_pickapic_parquet(path: str | Path, rows: list[dict]) -> Path:
+    """Write ``rows`` (dicts from :func:`pickapic_row`) as a Pick-a-Pic v2 parquet file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    schema = pickapic_arrow_schema()
+    table = pa.Table.from_pylist(rows, schema=schema)
+    pq.write_table(table, str(path))
+    return path

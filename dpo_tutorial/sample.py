@@ -1,0 +1,60 @@
+"""Images with and without the DPO LoRA, for the same captions and seeds."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .models import DiffusionParts
+
+
+def make_pipeline(parts: DiffusionParts, unet: torch.nn.Module | None = None):
+    """A diffusers text-to-image pipeline assembled from already-loaded parts (no reload)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    unet = unet if unet is not None else parts.unet
+    if parts.is_sdxl:
+        pipe = StableDiffusionXLPipeline(vae=parts.vae, text_encoder=parts.text_encoders[0],
+                                         text_encoder_2=parts.text_encoders[1], tokenizer=parts.tokenizers[0],
+                                         tokenizer_2=parts.tokenizers[1], unet=unet, scheduler=parts.noise_scheduler)
+    else:
+        pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoders[0],
+                                       tokenizer=parts.tokenizers[0], unet=unet, scheduler=parts.noise_scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def generate(pipe, captions: list[str], seeds: list[int], steps: int = 25, guidance_scale: float = 7.5,
+             resolution: int | None = None) -> np.ndarray:
+    """``(N, H, W, 3)`` uint8 images, image ``i`` from ``captions[i]`` with ``torch.Generator`` seed ``seeds[i]``."""
+    if len(captions) != len(seeds):
+        raise ValueError(f"need one seed per caption, got {len(captions)} captions and {len(seeds)} seeds")
+    generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+    size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    out = pipe(list(captions), num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators,
+               height=size, width=size, output_type="np")
+    return (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)
+
+
+def generate_with_and_without_lora(pipe, captions: list[str], seeds: list[int], **kw) -> tuple[np.ndarray, np.ndarray]:
+    """(base images, DPO images): the same captions and seeds with the LoRA adapter off, then on."""
+    pipe.unet.disable_adapters()
+    try:
+        base = generate(pipe, captions, seeds, **kw)
+    finally:
+        pipe.unet.enable_adapters()
+    return base, generate(pipe, captions, seeds, **kw)
+
+
+def image_grid(rows: list[np.ndarray], scale: int = 1, pad: int = 2) -> Image.Image:
+    """Stack equal-length rows of ``(N, H, W, 3)`` uint8 images into one PIL grid (white padding)."""
+    n, h, w = rows[0].shape[:3]
+    grid = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for r, images in enumerate(rows):
+        for c, img in enumerate(images):
+            y, x = pad + r * (h + pad), pad + c * (w + pad)
+            grid[y:y + h, x:x + w] = img
+    image = Image.fromarray(grid)
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image

@@ -1,0 +1,336 @@
+"""``train(config) -> History``: Diffusion-DPO fine-tuning of a LoRA (or the whole UNet) on accelerate.
+
+One optimizer step (per micro-batch of ``B`` pairs, see :func:`dpo_step`):
+
+1. encode the ``2B`` images (winners then losers) to latents with the frozen VAE,
+2. encode the ``B`` captions once and repeat them for the ``2B`` images,
+3. draw one noise and one timestep per pair (:mod:`dpo_tutorial.noise`) and noise the latents,
+4. policy pass (LoRA on) and reference pass (LoRA off, no grad),
+5. :func:`dpo_tutorial.loss.diffusion_dpo_loss`, backward, clip, step.
+
+Every optimizer step appends one JSON line to ``<output_dir>/history.jsonl`` (flushed at once, so a
+crash loses nothing logged); checkpoints are atomic (:mod:`dpo_tutorial.checkpoint`); the final LoRA is
+``<output_dir>/pytorch_lora_weights.safetensors`` in the diffusers format.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import ConfigError, TrainConfig
+from .data import PairStream, PairTransform, load_pickapic
+from .loss import DPOLossOutput, diffusion_dpo_loss
+from .models import (DiffusionParts, add_lora, diffusion_target, encode_images, encode_prompts,
+                     frozen_copy, load_parts, reference_mode, sdxl_time_ids)
+from .noise import shared_noise, shared_timesteps
+
+METRICS = ("loss", "implicit_acc", "raw_model_loss", "raw_ref_loss", "reward_margin",
+           "model_mse_w", "model_mse_l")
+
+
+@dataclass
+class History:
+    """What a run logged: one dict per optimizer step, plus where its artefacts are."""
+
+    records: list[dict] = field(default_factory=list)
+    output_dir: str = ""
+    lora_path: str | None = None
+    data_summary: dict = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> list:
+        """All logged values of ``key``, in step order (e.g. ``history["loss"]``)."""
+        return [r[key] for r in self.records if key in r]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @classmethod
+    def load(cls, output_dir: str | Path) -> "History":
+        """Read ``history.jsonl`` of a finished or interrupted run."""
+        path = Path(output_dir) / "history.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return cls(records=records, output_dir=str(output_dir))
+
+
+# ------------------------------------------------------------------------------------ one step
+def unet_forward(unet, noisy: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor,
+                 added_cond: dict | None) -> torch.Tensor:
+    """One UNet pass: ``(2B, C, h, w)`` noisy latents -> ``(2B, C, h, w)`` prediction."""
+    return unet(noisy, timesteps, prompt_embeds, added_cond_kwargs=added_cond, return_dict=False)[0]
+
+
+def dpo_step(parts: DiffusionParts, unet, batch: dict, beta: float, loss_type: str = "sigmoid",
+             generator: torch.Generator | None = None, ref_unet=None, noise: torch.Tensor | None = None,
+             timesteps: torch.Tensor | None = None, resolution: int | None = None) -> DPOLossOutput:
+    """The Diffusion-DPO loss of one winners-then-losers batch (forward only; the caller backprops).
+
+    ``unet`` is the policy (possibly wrapped by accelerate/DDP). The reference is ``ref_unet`` when
+    given (full fine-tune), else the same UNet with its LoRA switched off. ``noise``/``timesteps``
+    override the random draw (tests hold them fixed).
+    """
+    base = getattr(unet, "module", unet)
+    latents = encode_images(parts.vae, batch["pixel_values"], generator)  # (2B, C, h, w)
+    latents = latents.to(next(p for p in base.parameters()).dtype)
+    num_pairs = latents.shape[0] // 2
+    prompt_embeds, pooled = encode_prompts(parts, batch["captions"])  # (B, L, D), (B, P) | None
+    prompt_embeds = prompt_embeds.repeat(2, 1, 1).to(latents.dtype)  # (2B, L, D): pair i shares caption i
+    added_cond = None
+    if parts.is_sdxl:
+        time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"],
+                                 resolution or batch["pixel_values"].shape[-1])
+        added_cond = {"text_embeds": pooled.repeat(2, 1).to(latents.dtype),  # (2B, P)
+                      "time_ids": time_ids.to(latents.device, latents.dtype)}  # (2B, 6)
+    if noise is None:
+        noise = shared_noise(latents, generator)  # (2B, C, h, w), halves identical
+    if timesteps is None:
+        timesteps = shared_timesteps(num_pairs, parts.noise_scheduler.config.num_train_timesteps,
+                                     latents.device, generator)  # (2B,)
+    noisy = parts.noise_scheduler.add_noise(latents, noise, timesteps)
+    target = diffusion_target(parts.noise_scheduler, latents, noise, timesteps)
+    model_pred = unet_forward(unet, noisy, timesteps, prompt_embeds, added_cond)
+    ref_pred = None
+    if loss_type != "sft":
+        with torch.no_grad():
+            if ref_unet is not None:
+                ref_pred = unet_forward(ref_unet, noisy, timesteps, prompt_embeds, added_cond)
+            else:
+                with reference_mode(base):
+                    ref_pred = unet_forward(base, noisy, timesteps, prompt_embeds, added_cond)
+    return diffusion_dpo_loss(model_pred, ref_pred, target, beta=beta, loss_type=loss_type)
+
+
+# ------------------------------------------------------------------------------------ set-up
+def _accelerator(config: TrainConfig):
+    from accelerate import Accelerator
+
+    return Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision,
+                       log_with=config.report_to, project_dir=config.output_dir)
+
+
+def _set_threads(config: TrainConfig, world_size: int) -> None:
+    """Avoid CPU oversubscription: each of ``world_size`` processes gets its share of the cores."""
+    threads = config.num_threads or max(1, (os.cpu_count() or 1) // world_size)
+    torch.set_num_threads(threads)
+
+
+def _check_output_dir(config: TrainConfig) -> None:
+    if ckpt.list_checkpoints(config.output_dir) and not config.resume:
+        raise ConfigError(f"output dir {config.output_dir!r} already holds checkpoints of another run: pass "
+                          "--resume latest to continue it, or choose a new --output-dir")
+
+
+def _prepare_model(parts: DiffusionParts, config: TrainConfig, weight_dtype: torch.dtype):
+    """Freeze what is not trained, add the LoRA (or unfreeze for full FT); return (params, ref_unet)."""
+    unet = parts.unet
+    frozen = [parts.vae, *parts.text_encoders] + ([] if config.full_finetune else [unet])
+    if weight_dtype != torch.float32:  # frozen weights in half precision; trained ones stay fp32
+        for module in frozen:
+            module.to(dtype=weight_dtype)
+    ref_unet = None
+    if config.full_finetune:
+        ref_unet = frozen_copy(unet).to(dtype=weight_dtype)
+        unet.requires_grad_(True)
+        params = list(unet.parameters())
+    else:
+        params = add_lora(unet, config.rank, config.lora_alpha, init_seed=config.seed)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    return params, ref_unet
+
+
+def _optimizer(params, config: TrainConfig):
+    cls = torch.optim.AdamW
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise ConfigError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from err
+        cls = bnb.optim.AdamW8bit
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _trainable_state(unet) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in unet.named_parameters() if p.requires_grad}
+
+
+def export_lora(unet, output_dir: str | Path, is_sdxl: bool) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` in the diffusers format (``load_lora_weights`` reads it)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+    cls = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
+    cls.save_lora_weights(save_directory=str(output_dir), unet_lora_layers=state, safe_serialization=True)
+    return Path(output_dir) / "pytorch_lora_weights.safetensors"
+
+
+# ------------------------------------------------------------------------------------ the loop
+def _mean_metrics(outs: list[DPOLossOutput], accelerator) -> dict:
+    """Average each metric over micro-batches and processes."""
+    values = torch.stack([torch.stack([getattr(o, m).float().mean() if m != "reward_margin"
+                                       else o.reward_margin.float() for m in METRICS]) for o in outs]).mean(0)
+    values = accelerator.reduce(values.to(accelerator.device), reduction="mean")
+    return {m: float(v) for m, v in zip(METRICS, values.tolist())}
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+
+
+def _truncate_history(path: Path, last_step: int) -> list[dict]:
+    """Keep the records up to ``last_step`` (a resumed run rewrites the steps after its checkpoint)."""
+    if not path.exists():
+        return []
+    records = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    records = [r for r in records if r.get("step", 0) <= last_step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def train(config: TrainConfig) -> History:
+    """Run Diffusion-DPO fine-tuning described by ``config``; return the per-step :class:`History`.
+
+    Works the same on a laptop CPU (toy preset), one GPU, or several processes under
+    ``accelerate launch``. Artefacts in ``config.output_dir``: ``history.jsonl``, ``config.json``,
+    ``checkpoint-<step>/``, ``pytorch_lora_weights.safetensors`` (or ``unet/`` for a full fine-tune)
+    and, for LoRA runs, ``samples.png`` (top row base, bottom row DPO).
+    """
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    config.validate()
+    accelerator = _accelerator(config)
+    _set_threads(config, accelerator.num_processes)
+    _check_output_dir(config)
+    out = Path(config.output_dir)
+    set_seed(config.seed)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    parts = load_parts(config.pretrained, config.vae, config.prediction_type)
+    params, ref_unet = _prepare_model(parts, config, weight_dtype)
+    for module in (parts.vae, *parts.text_encoders, *( [ref_unet] if ref_unet is not None else [])):
+        module.to(accelerator.device)
+    optimizer = _optimizer(params, config)
+    lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
+                                 num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=config.max_steps * accelerator.num_processes)
+    dataset = load_pickapic(config.dataset, config.split, config.streaming)
+    if config.streaming and accelerator.num_processes > 1:
+        from datasets.distributed import split_dataset_by_node
+        dataset = split_dataset_by_node(dataset, accelerator.process_index, accelerator.num_processes)
+    stream = PairStream(dataset, PairTransform(config.resolution, config.random_crop, config.random_flip),
+                        config.batch_size, seed=config.seed + accelerator.process_index,
+                        empty_prompt_prob=config.empty_prompt_prob, max_pairs=config.max_train_pairs)
+    unet, optimizer, lr_scheduler = accelerator.prepare(parts.unet, optimizer, lr_scheduler)
+    generator = torch.Generator(device=accelerator.device).manual_seed(config.seed + accelerator.process_index)
+
+    start_step, records = 0, []
+    resume_from = ckpt.resolve_resume(config.resume, out)
+    if resume_from is not None:
+        state = ckpt.load_checkpoint(resume_from, accelerator.unwrap_model(unet), optimizer, lr_scheduler, generator)
+        start_step = state["step"]
+        stream.load_state_dict(state["data"])
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_partial(out)
+        records = _truncate_history(out / "history.jsonl", start_step)
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+        if config.report_to:
+            accelerator.init_trackers("dpo-tutorial", config={k: v for k, v in config.to_dict().items()
+                                                             if isinstance(v, (int, float, str, bool))})
+    history = History(records=records, output_dir=str(out))
+    batches = iter(stream)
+    first_captions: list[str] = []
+    bar = tqdm(range(start_step, config.max_steps), initial=start_step, total=config.max_steps,
+               desc="Diffusion-DPO", disable=not accelerator.is_local_main_process)
+    t0 = time.perf_counter()
+    nonfinite_in_a_row = 0
+    for step in bar:
+        outs = []
+        for _ in range(config.grad_accum):
+            batch = next(batches)
+            first_captions = first_captions or batch["captions"]
+            with accelerator.accumulate(unet):
+                result = dpo_step(parts, unet, batch, config.beta, config.loss_type, generator, ref_unet,
+                                  resolution=config.resolution)
+                accelerator.backward(result.loss)  # every process backprops, so DDP never waits
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                grads_ok = bool(torch.isfinite(result.loss)) and all(
+                    p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
+                if grads_ok:
+                    optimizer.step()
+                    lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            outs.append(result)
+        nonfinite_in_a_row = 0 if grads_ok else nonfinite_in_a_row + 1
+        record = {"step": step + 1, **_mean_metrics(outs, accelerator), "lr": lr_scheduler.get_last_lr()[0],
+                  "skipped_update": not grads_ok, "seconds": round(time.perf_counter() - t0, 3)}
+        if accelerator.is_main_process:
+            _append_jsonl(out / "history.jsonl", record)
+            history.records.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['implicit_acc']:.2f}")
+            if config.report_to:
+                accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step + 1)
+        done = step + 1 == config.max_steps
+        stop = nonfinite_in_a_row >= 5
+        if (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or done or stop:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process and (not stop or step + 1 > nonfinite_in_a_row):
+                ckpt.save_checkpoint(out, step + 1, _trainable_state(accelerator.unwrap_model(unet)), optimizer,
+                                     lr_scheduler, generator, {"data": stream.state_dict(),
+                                                               "config": config.to_dict()},
+                                     config.checkpoints_total_limit)
+        if stop:
+            raise FloatingPointError(
+                f"{nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient (last at step "
+                f"{step + 1}); the learning rate ({config.lr}) or beta ({config.beta}) is probably too large, "
+                "or fp16 overflowed (try bf16). The last checkpoint is in " + str(out))
+    accelerator.wait_for_everyone()
+    history.data_summary = _data_summary(stream)
+    if accelerator.is_main_process:
+        _finish(accelerator.unwrap_model(unet), parts, config, history, first_captions)
+    accelerator.end_training()
+    return history
+
+
+def _data_summary(stream: PairStream) -> dict:
+    summary = {"ties_dropped": getattr(stream, "ties", 0) + stream.skipped.get("tie", 0),
+               "invalid_labels": getattr(stream, "invalid_labels", 0) + stream.skipped.get("invalid", 0),
+               "undecodable_skipped": stream.skipped.get("undecodable", 0)}
+    if summary["undecodable_skipped"]:
+        warnings.warn(f"skipped {summary['undecodable_skipped']} pair(s) whose image bytes did not decode")
+    return summary
+
+
+def _finish(unet, parts: DiffusionParts, config: TrainConfig, history: History, captions: list[str]) -> None:
+    """Export the LoRA (or UNet), the data summary and the base-vs-DPO grid."""
+    out = Path(config.output_dir)
+    if config.full_finetune:
+        unet.save_pretrained(out / "unet")
+    else:
+        history.lora_path = str(export_lora(unet, out, parts.is_sdxl))
+    (out / "data_summary.json").write_text(json.dumps(history.data_summary, indent=1))
+    if config.sample_grid and not config.full_finetune and captions:
+        from .sample import generate_with_and_without_lora, image_grid, make_pipeline
+
+        unet.eval()
+        caps = list(dict.fromkeys(captions))[:4]
+        seeds = list(range(len(caps)))
+        base, dpo = generate_with_and_without_lora(make_pipeline(parts, unet), caps, seeds,
+                                                   steps=config.sample_steps, guidance_scale=config.guidance_scale,
+                                                   resolution=config.resolution)
+        image_grid([base, dpo], scale=max(1, 128 // config.resolution)).save(out / "samples.png")

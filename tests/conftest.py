@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny SD / SDXL pipelines and a Pick-a-Pic-format parquet with the awkward cases."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))))
+
+from dpo_tutorial.fixtures import build_tiny_pipeline, encode_image, pickapic_row, write_pickapic_parquet  # noqa: E402
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
+
+
+def solid(colour: str, size=(32, 32), rng=None) -> np.ndarray:
+    """An (H, W, 3) uint8 image: a coloured square on grey, with a little noise."""
+    rng = rng or np.random.default_rng(0)
+    h, w = size
+    img = np.full((h, w, 3), 128, dtype=np.uint8)
+    img[h // 4: 3 * h // 4, w // 4: 3 * w // 4] = COLOURS[colour]
+    noise = rng.integers(-10, 10, img.shape)
+    return np.clip(img.astype(int) + noise, 0, 255).astype(np.uint8)
+
+
+def make_rows(n_good: int = 12, seed: int = 0) -> list[dict]:
+    """Good pairs (both label orders), plus a tie, a corrupt JPEG, a grayscale image, a CMYK JPEG,
+    a PNG and a pair of different sizes."""
+    rng = np.random.default_rng(seed)
+    colours = list(COLOURS)
+    rows = []
+    for i in range(n_good):
+        c = colours[i % 4]
+        other = colours[(i + 1) % 4]
+        right, wrong = encode_image(solid(c, rng=rng)), encode_image(solid(other, rng=rng))
+        if i % 2 == 0:  # label_0 = 1: jpg_0 (right colour) wins
+            rows.append(pickapic_row(f"a {c} square", right, wrong, 1.0, ranking_id=i))
+        else:  # label_0 = 0: jpg_1 wins
+            rows.append(pickapic_row(f"a {c} square", wrong, right, 0.0, ranking_id=i))
+    k = n_good
+    rows.append(pickapic_row("a red square", encode_image(solid("red")), encode_image(solid("blue")), 0.5, k))
+    rows.append(pickapic_row("a blue square", b"\xff\xd8\xff\xe0 not a jpeg", encode_image(solid("red")), 1.0, k + 1))
+    rows.append(pickapic_row("a green square", encode_image(solid("green"), mode="L"),
+                             encode_image(solid("red")), 1.0, k + 2))
+    rows.append(pickapic_row("a yellow square", encode_image(solid("yellow"), mode="CMYK"),
+                             encode_image(solid("red"), fmt="PNG"), 1.0, k + 3))
+    rows.append(pickapic_row("a blue square", encode_image(solid("blue", size=(48, 64))),
+                             encode_image(solid("red", size=(40, 32))), 0.0, k + 4))
+    return rows
+
+
+@pytest.fixture(scope="session")
+def sd_dir(tmp_path_factory):
+    """A tiny random-weight SD 1.x-shaped pipeline folder."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def sdxl_dir(tmp_path_factory):
+    """A tiny random-weight SDXL-shaped pipeline folder."""
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sdxl"), sdxl=True)
+
+
+@pytest.fixture(scope="session")
+def pairs_parquet(tmp_path_factory):
+    """A Pick-a-Pic v2 parquet: 12 good pairs, 1 tie, 1 corrupt JPEG, grayscale/CMYK/PNG, mixed sizes."""
+    return write_pickapic_parquet(tmp_path_factory.mktemp("pickapic") / "train.parquet", make_rows())
