@@ -216,7 +216,7 @@ class PairStream:
 
     Each epoch visits the non-tie rows in a fresh seeded order (``datasets.Dataset``) or a seeded
     shuffle buffer (``IterableDataset``). Ties, invalid labels and undecodable images are skipped and
-    counted in ``skipped`` — a bad row never stops training. ``state_dict()`` / ``load_state_dict()``
+    counted once each in ``skipped`` — a bad row never stops training. ``state_dict()`` / ``load_state_dict()``
     record the epoch and position so a resumed run sees exactly the pairs it would have seen.
     """
 
@@ -280,8 +280,8 @@ class PairStream:
                     check_columns(list(row), "streamed dataset")
                     raise DataError(f"row {i} has no column {err}") from err
                 except ValueError as err:
-                    kind = str(err) if str(err) in ("tie", "invalid") else "undecodable"
-                    self.skipped[kind] += 1
+                    if self.epoch == 0:  # later epochs meet the same bad rows again: count each once
+                        self.skipped[str(err) if str(err) in ("tie", "invalid") else "undecodable"] += 1
                     continue
                 produced = True
                 yield example

@@ -14,8 +14,8 @@ import torch
 def shared_noise(latents: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Gaussian noise shaped like ``latents`` (``(2B, ...)``) whose two halves are identical.
 
-    Equivalent to ``torch.randn_like(latents).chunk(2)[0].repeat(2, 1, 1, 1)`` but draws only the
-    ``B`` samples it keeps (same values for the same generator state).
+    Equivalent in distribution to ``torch.randn_like(latents).chunk(2)[0].repeat(2, 1, 1, 1)``, but
+    draws only the ``B`` samples it keeps, from ``generator`` when given.
     """
     if latents.shape[0] % 2:
         raise ValueError(f"latents must hold 2B rows (winners then losers), got {latents.shape[0]}")

@@ -1,0 +1,49 @@
+"""Config validation, presets and the CLI flag set."""
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from dpo_tutorial.cli import build_parser
+from dpo_tutorial.config import PRESET_NAMES, ConfigError, TrainConfig, get_preset
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("resolution", 100, "resolution=100: expected a positive multiple of 8"),
+    ("beta", 0.0, "beta=0.0: expected a number > 0"),
+    ("batch_size", 0, "batch_size=0: expected an integer >= 1"),
+    ("loss_type", "dpo", "loss_type='dpo'"),
+    ("empty_prompt_prob", 1.5, "empty_prompt_prob=1.5"),
+    ("mixed_precision", "fp8", "mixed_precision='fp8'"),
+])
+def test_invalid_values_name_field_and_expectation(field, value, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        get_preset("sd15", **{field: value})
+
+
+def test_presets_are_valid_and_follow_the_public_recipes():
+    for name in PRESET_NAMES:
+        assert get_preset(name).validate()
+    sd15, sdxl = get_preset("sd15"), get_preset("sdxl")
+    assert sd15.pretrained == "stable-diffusion-v1-5/stable-diffusion-v1-5" and sd15.resolution == 512
+    assert sdxl.resolution == 1024 and sdxl.vae == "madebyollin/sdxl-vae-fp16-fix"
+    assert sd15.beta == 5000.0  # = the diffusers SD script's beta_dpo 2500
+    with pytest.raises(ConfigError, match="unknown preset 'sd3'"):
+        get_preset("sd3")
+    with pytest.raises(ConfigError, match="unknown config field"):
+        get_preset("toy", betta=1.0)
+
+
+def test_every_config_field_has_a_documented_flag():
+    help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    for f in dataclasses.fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in help_text, f.name
+        assert f.metadata.get("help"), f.name
+
+
+def test_cli_bad_flag_value_is_one_line_error():
+    proc = subprocess.run([sys.executable, "-m", "dpo_tutorial.cli", "train", "--resolution", "100"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "error: invalid resolution=100" in proc.stderr and "Traceback" not in proc.stderr

@@ -1,0 +1,127 @@
+"""End-to-end training on the tiny SD / SDXL fixtures: train(), the CLI, LoRA export, resume, overfitting."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dpo_tutorial.config import ConfigError, TrainConfig
+from dpo_tutorial.data import PairStream, PairTransform, load_pickapic
+from dpo_tutorial.models import add_lora, load_parts
+from dpo_tutorial.train import History, dpo_step, train
+
+
+def config(pipe, data, out, **kw):
+    base = dict(pretrained=str(pipe), dataset=str(data), output_dir=str(out), resolution=32, batch_size=4,
+                max_steps=4, lr=1e-3, beta=500.0, rank=4, sample_steps=2, seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("fixture", ["sd_dir", "sdxl_dir"])
+def test_train_few_steps_logs_everything(fixture, request, pairs_parquet, tmp_path):
+    history = train(config(request.getfixturevalue(fixture), pairs_parquet, tmp_path, grad_accum=2))
+    assert len(history) == 4 and [r["step"] for r in history.records] == [1, 2, 3, 4]
+    assert history["loss"][0] == pytest.approx(math.log(2), abs=1e-6)  # LoRA starts as the reference
+    assert history["implicit_acc"][0] == 0.5
+    for key in ("loss", "implicit_acc", "raw_model_loss", "raw_ref_loss", "reward_margin", "lr"):
+        assert all(math.isfinite(v) for v in history[key]), key
+    assert len(set(history["loss"])) > 1  # the LoRA moved
+    logged = History.load(tmp_path)
+    assert logged.records == history.records
+    assert history.data_summary == {"ties_dropped": 1, "invalid_labels": 0, "undecodable_skipped": 1}
+    assert (tmp_path / "samples.png").exists() and (tmp_path / "checkpoint-4" / "state.json").exists()
+
+
+def test_exported_lora_loads_into_pipeline_and_changes_output(sd_dir, pairs_parquet, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    train(config(sd_dir, pairs_parquet, tmp_path, max_steps=3, lr=5e-2, sample_grid=False))
+    pipe = StableDiffusionPipeline.from_pretrained(str(sd_dir), safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=3, output_type="np", generator=torch.Generator().manual_seed(0))
+    base = pipe(["a red square"], **kw).images
+    again = pipe(["a red square"], **{**kw, "generator": torch.Generator().manual_seed(0)}).images
+    np.testing.assert_array_equal(base, again)
+    pipe.load_lora_weights(str(tmp_path))
+    tuned = pipe(["a red square"], **{**kw, "generator": torch.Generator().manual_seed(0)}).images
+    assert np.abs(tuned - base).max() > 1e-3
+
+
+def test_exported_sdxl_lora_loads(sdxl_dir, pairs_parquet, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    train(config(sdxl_dir, pairs_parquet, tmp_path, max_steps=2, lr=5e-2, sample_grid=False))
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(sdxl_dir))
+    pipe.load_lora_weights(str(tmp_path))
+    assert any("lora" in n for n, _ in pipe.unet.named_parameters())
+
+
+def test_resume_matches_an_uninterrupted_run(sd_dir, pairs_parquet, tmp_path):
+    full = train(config(sd_dir, pairs_parquet, tmp_path / "full", max_steps=6, sample_grid=False))
+    train(config(sd_dir, pairs_parquet, tmp_path / "cut", max_steps=3, checkpoint_every=3, sample_grid=False))
+    resumed = train(config(sd_dir, pairs_parquet, tmp_path / "cut", max_steps=6, resume="latest",
+                           sample_grid=False))
+    assert [r["step"] for r in resumed.records] == [1, 2, 3, 4, 5, 6]  # step count continued
+    np.testing.assert_allclose(resumed["loss"], full["loss"], rtol=1e-5, atol=1e-7)
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "full" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "pytorch_lora_weights.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_fixed_noise_and_timesteps_overfit(sd_dir, pairs_parquet):
+    """Noise and timesteps held fixed: a few pairs are learnt perfectly (loss -> 0, accuracy -> 1)."""
+    parts = load_parts(str(sd_dir))
+    params = add_lora(parts.unet, rank=8, init_seed=0)
+    batch = next(iter(PairStream(load_pickapic(str(pairs_parquet)), PairTransform(32), batch_size=4, seed=0)))
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(4, 4, 16, 16, generator=g).repeat(2, 1, 1, 1)
+    timesteps = torch.tensor([100, 300, 500, 700]).repeat(2)
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    for step in range(100):
+        out = dpo_step(parts, parts.unet, batch, beta=2000.0, generator=torch.Generator().manual_seed(1),
+                       noise=noise, timesteps=timesteps)
+        if step == 0:
+            assert out.loss.item() == pytest.approx(math.log(2), abs=1e-6)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert out.loss.item() < 0.05 and out.implicit_acc.item() == 1.0
+
+
+def test_non_finite_updates_are_skipped_then_stop(sd_dir, pairs_parquet, tmp_path):
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        train(config(sd_dir, pairs_parquet, tmp_path, max_steps=40, lr=1e30, max_grad_norm=0,
+                     sample_grid=False))
+    records = History.load(tmp_path).records
+    assert records[-1]["skipped_update"] and sum(r["skipped_update"] for r in records) >= 5
+
+
+def test_output_dir_with_other_runs_checkpoints_is_refused(sd_dir, pairs_parquet, tmp_path):
+    train(config(sd_dir, pairs_parquet, tmp_path, max_steps=1, sample_grid=False))
+    with pytest.raises(ConfigError, match="already holds checkpoints.*--resume latest"):
+        train(config(sd_dir, pairs_parquet, tmp_path, max_steps=2, sample_grid=False))
+
+
+def test_cli_train_runs_and_reports(sd_dir, pairs_parquet, tmp_path, capsys):
+    from dpo_tutorial.cli import main
+
+    rc = main(["train", "--pretrained", str(sd_dir), "--dataset", str(pairs_parquet), "--output-dir", str(tmp_path),
+               "--max-steps", "2", "--batch-size", "2", "--resolution", "32", "--beta", "1000", "--lr", "1e-3",
+               "--rank", "4", "--seed", "3", "--checkpoint-every", "1", "--no-sample-grid"])
+    assert rc == 0
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["beta"] == 1000.0 and saved["rank"] == 4 and saved["seed"] == 3 and saved["sample_grid"] is False
+    assert saved["random_flip"] is False  # from the toy preset: flags override, the rest comes from it
+    assert "done: 2 steps" in capsys.readouterr().out
+    assert (tmp_path / "pytorch_lora_weights.safetensors").exists()
+    resume = ["train", "--pretrained", str(sd_dir), "--dataset", str(pairs_parquet), "--output-dir", str(tmp_path),
+              "--max-steps", "3", "--batch-size", "2", "--resolution", "32", "--resume", "latest", "--no-sample-grid"]
+    assert main(resume) == 2  # the preset's rank 8 does not fit the rank-4 checkpoint
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "rank: checkpoint 4 vs now 8" in err
+    assert main(resume + ["--rank", "4"]) == 0 and History.load(tmp_path).records[-1]["step"] == 3
