@@ -60,32 +60,47 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(output_dir: str | Path, step: int, trainable: dict[str, torch.Tensor], optimizer,
-                    lr_scheduler, generator: torch.Generator, extra: dict, limit: int | None = None) -> Path:
-    """Write ``checkpoint-<step>`` atomically (temp folder + rename); prune to ``limit`` newest."""
+def save_checkpoint(output_dir: str | Path, step: int, *, trainable: dict[str, torch.Tensor], optimizer,
+                    lr_scheduler, generator: torch.Generator, data_state: dict, extra: dict, rank: int = 0,
+                    world_size: int = 1, barrier=lambda: None, limit: int | None = None) -> Path:
+    """Write ``checkpoint-<step>`` atomically; every process calls it (``barrier`` syncs them).
+
+    Each process adds its own RNG and data-stream state (``process_<rank>.pt``); the main process
+    (rank 0) adds the trainable weights, optimizer and scheduler states and ``state.json``, fsyncs,
+    renames the temporary folder into place and prunes to the ``limit`` newest checkpoints.
+    """
     root = Path(output_dir)
-    final = root / f"checkpoint-{step}"
-    tmp = root / f".tmp-checkpoint-{step}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                "rng": rng_state(generator)}, tmp / "training_state.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **extra}, indent=1))
-    for f in tmp.iterdir():  # make the bytes durable before the folder becomes visible
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in list_checkpoints(root)[: -limit if limit else 0]:
-        shutil.rmtree(old, ignore_errors=True)
+    final, tmp = root / f"checkpoint-{step}", root / f".tmp-checkpoint-{step}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    torch.save({"rng": rng_state(generator), "data": data_state}, tmp / f"process_{rank}.pt")
+    barrier()
+    if rank == 0:
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()},
+                  str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()},
+                   tmp / "training_state.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": world_size, **extra}, indent=1))
+        for f in tmp.iterdir():  # make the bytes durable before the folder becomes visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(root)[: -limit if limit else 0]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
     return final
 
 
 def load_checkpoint(path: str | Path, module: torch.nn.Module, optimizer, lr_scheduler,
-                    generator: torch.Generator) -> dict:
-    """Load a checkpoint into ``module`` (by parameter name), optimizer, scheduler and RNGs; return state.json."""
+                    generator: torch.Generator, rank: int = 0) -> dict:
+    """Load weights (by parameter name), optimizer, scheduler and this process's RNG / data state.
+
+    Returns ``state.json`` with this process's data-stream state under ``"data"``.
+    """
     path = Path(path)
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(module.named_parameters())
@@ -99,13 +114,14 @@ def load_checkpoint(path: str | Path, module: torch.nn.Module, optimizer, lr_sch
     training_state = torch.load(path / "training_state.pt", weights_only=False)
     optimizer.load_state_dict(training_state["optimizer"])
     lr_scheduler.load_state_dict(training_state["lr_scheduler"])
-    set_rng_state(training_state["rng"], generator)
-    return json.loads((path / "state.json").read_text())
+    process = torch.load(path / f"process_{rank}.pt", weights_only=False)
+    set_rng_state(process["rng"], generator)
+    return {**json.loads((path / "state.json").read_text()), "data": process["data"]}
 
 
 def clean_partial(output_dir: str | Path) -> None:
     """Remove half-written temporary checkpoint folders left by a killed run."""
     root = Path(output_dir)
     if root.is_dir():
-        for p in root.glob(".tmp-checkpoint-*"):
+        for p in root.glob(".tmp-checkpoint-*"):  # only the main process calls this, before training
             shutil.rmtree(p, ignore_errors=True)

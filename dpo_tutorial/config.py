@@ -70,6 +70,8 @@ class TrainConfig:
     resume: str | None = _f(None, "'latest' or a checkpoint folder to resume from")
     report_to: str | None = _f(None, "also log to 'tensorboard' or 'wandb' through accelerate")
     num_threads: int | None = _f(None, "CPU threads per process for torch (default: cores / processes)")
+    num_processes: int | None = _f(None, "fail unless the launcher started exactly this many processes")
+    max_nonfinite_steps: int = _f(5, "stop after this many non-finite (skipped) updates in a row")
     sample_grid: bool = _f(True, "at the end, write a base-vs-DPO image grid (samples.png)")
     sample_steps: int = _f(25, "denoising steps for the image grid")
     guidance_scale: float = _f(7.5, "classifier-free guidance scale for the image grid")
@@ -100,6 +102,8 @@ class TrainConfig:
             (self.max_grad_norm >= 0, "max_grad_norm", "a number >= 0"),
             (self.report_to in (None, "tensorboard", "wandb"), "report_to", "tensorboard or wandb"),
             (self.num_threads is None or self.num_threads >= 1, "num_threads", "an integer >= 1"),
+            (self.num_processes is None or self.num_processes >= 1, "num_processes", "an integer >= 1"),
+            (self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "an integer >= 1"),
         ]
         for ok, name, expected in checks:
             if not ok:

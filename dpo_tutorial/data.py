@@ -226,12 +226,15 @@ class PairStream:
     seed: int = 0
     empty_prompt_prob: float = 0.0
     max_pairs: int | None = None
+    rank: int = 0  # map-style data: this process takes every world_size-th pair of the shared order
+    world_size: int = 1
     epoch: int = 0
     position: int = 0
     skipped: Counter = field(default_factory=Counter)
 
     def __post_init__(self):
         self.streaming = not hasattr(self.dataset, "__len__")
+        self.first_captions: list[str] = []  # captions of the first batch (for the sample grid)
         self._indices = None if self.streaming else self._valid_indices()
 
     def _valid_indices(self) -> list[int]:
@@ -264,7 +267,7 @@ class PairStream:
                     yield i, row
             return
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(len(self._indices), generator=g).tolist()
+        order = torch.randperm(len(self._indices), generator=g).tolist()[self.rank::self.world_size]
         for i in range(self.position, len(order)):
             yield i, self.dataset[self._indices[order[i]]]
 
@@ -296,6 +299,7 @@ class PairStream:
         for example in self._examples():
             buffer.append(example)
             if len(buffer) == self.batch_size:
+                self.first_captions = self.first_captions or [e.caption for e in buffer]
                 yield collate_pairs(buffer)
                 buffer = []
 

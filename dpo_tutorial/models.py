@@ -38,7 +38,7 @@ class DiffusionParts:
         return self.noise_scheduler.config.prediction_type
 
 
-def _check_source(pretrained: str) -> Path | None:
+def check_source(pretrained: str) -> Path | None:
     """Local folder -> Path; hub id -> None; a path that does not exist -> clear error."""
     path = Path(pretrained).expanduser()
     if path.is_dir():
@@ -74,8 +74,13 @@ def load_parts(pretrained: str, vae: str | None = None, prediction_type: str | N
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
-    local = _check_source(pretrained)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    local = check_source(pretrained)
     index = _model_index(pretrained, local)
+    diffusers_logging.disable_progress_bar()  # per-file loading bars drown the training bar
+    transformers_logging.disable_progress_bar()
     is_sdxl = "text_encoder_2" in index or (local is not None and (local / "text_encoder_2").is_dir())
     root = str(local) if local is not None else pretrained
     try:

@@ -27,7 +27,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
 from .data import PairStream, PairTransform, load_pickapic
 from .loss import DPOLossOutput, diffusion_dpo_loss
-from .models import (DiffusionParts, add_lora, diffusion_target, encode_images, encode_prompts,
+from .models import (DiffusionParts, add_lora, check_source, diffusion_target, encode_images, encode_prompts,
                      frozen_copy, load_parts, reference_mode, sdxl_time_ids)
 from .noise import shared_noise, shared_timesteps
 
@@ -110,8 +110,11 @@ def dpo_step(parts: DiffusionParts, unet, batch: dict, beta: float, loss_type: s
 def _accelerator(config: TrainConfig):
     from accelerate import Accelerator
 
+    # Several processes without a GPU (torchrun / accelerate launch on CPU): accelerate only forms a gloo
+    # process group when told cpu=True; otherwise each process would silently train alone.
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     return Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision,
-                       log_with=config.report_to, project_dir=config.output_dir)
+                       log_with=config.report_to, project_dir=config.output_dir, cpu=multi_cpu)
 
 
 def _set_threads(config: TrainConfig, world_size: int) -> None:
@@ -154,11 +157,14 @@ def _prepare_model(parts: DiffusionParts, config: TrainConfig, weight_dtype: tor
 RESUME_MUST_MATCH = ("pretrained", "rank", "lora_alpha", "full_finetune", "resolution")
 
 
-def _check_resume_compatible(path: Path, config: TrainConfig) -> None:
-    """Refuse to resume a checkpoint made with another model, adapter shape or resolution."""
-    saved = json.loads((path / "state.json").read_text()).get("config", {})
+def _check_resume_compatible(path: Path, config: TrainConfig, world_size: int) -> None:
+    """Refuse to resume a checkpoint made with another model, adapter shape, resolution or process count."""
+    state = json.loads((path / "state.json").read_text())
+    saved = state.get("config", {})
     diffs = [f"{k}: checkpoint {saved[k]!r} vs now {getattr(config, k)!r}"
              for k in RESUME_MUST_MATCH if k in saved and saved[k] != getattr(config, k)]
+    if state.get("world_size", world_size) != world_size:
+        diffs.append(f"processes: checkpoint {state['world_size']} vs now {world_size}")
     if diffs:
         raise ConfigError(f"cannot resume from {path}: it was made with other settings ({'; '.join(diffs)}); "
                           "pass the same values or start a new --output-dir")
@@ -217,121 +223,184 @@ def _truncate_history(path: Path, last_step: int) -> list[dict]:
     return records
 
 
-def train(config: TrainConfig) -> History:
-    """Run Diffusion-DPO fine-tuning described by ``config``; return the per-step :class:`History`.
+@dataclass
+class _Run:
+    """Everything one training run holds (built by :func:`_setup`)."""
 
-    Works the same on a laptop CPU (toy preset), one GPU, or several processes under
-    ``accelerate launch``. Artefacts in ``config.output_dir``: ``history.jsonl``, ``config.json``,
-    ``checkpoint-<step>/``, ``pytorch_lora_weights.safetensors`` (or ``unet/`` for a full fine-tune)
-    and, for LoRA runs, ``samples.png`` (top row base, bottom row DPO).
-    """
+    config: TrainConfig
+    accelerator: object
+    parts: DiffusionParts
+    unet: torch.nn.Module  # the policy, as prepared by accelerate (may be DDP-wrapped)
+    ref_unet: torch.nn.Module | None
+    params: list
+    optimizer: object
+    lr_scheduler: object
+    stream: PairStream
+    generator: torch.Generator
+    out: Path
+    history: History
+
+
+def _setup(config: TrainConfig) -> _Run:
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
 
     config.validate()
     accelerator = _accelerator(config)
+    if config.num_processes and accelerator.num_processes != config.num_processes:
+        raise ConfigError(f"expected {config.num_processes} processes but this run has {accelerator.num_processes}: "
+                          "the launcher started a different number (on CPU, `accelerate launch --cpu "
+                          "--num_processes 2` silently starts one); see README 'When one machine is not enough'")
     _set_threads(config, accelerator.num_processes)
     _check_output_dir(config)
-    out = Path(config.output_dir)
     set_seed(config.seed)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-
+    check_source(config.pretrained)  # cheap checks first: a typo fails before anything heavy loads
+    stream = _stream(config, accelerator.process_index, accelerator.num_processes)
     parts = load_parts(config.pretrained, config.vae, config.prediction_type)
     params, ref_unet = _prepare_model(parts, config, weight_dtype)
-    for module in (parts.vae, *parts.text_encoders, *( [ref_unet] if ref_unet is not None else [])):
+    for module in (parts.vae, *parts.text_encoders, *([ref_unet] if ref_unet is not None else [])):
         module.to(accelerator.device)
     optimizer = _optimizer(params, config)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=config.max_steps * accelerator.num_processes)
-    dataset = load_pickapic(config.dataset, config.split, config.streaming)
-    if config.streaming and accelerator.num_processes > 1:
-        from datasets.distributed import split_dataset_by_node
-        dataset = split_dataset_by_node(dataset, accelerator.process_index, accelerator.num_processes)
-    stream = PairStream(dataset, PairTransform(config.resolution, config.random_crop, config.random_flip),
-                        config.batch_size, seed=config.seed + accelerator.process_index,
-                        empty_prompt_prob=config.empty_prompt_prob, max_pairs=config.max_train_pairs)
     unet, optimizer, lr_scheduler = accelerator.prepare(parts.unet, optimizer, lr_scheduler)
     generator = torch.Generator(device=accelerator.device).manual_seed(config.seed + accelerator.process_index)
+    out = Path(config.output_dir)
+    return _Run(config, accelerator, parts, unet, ref_unet, params, optimizer, lr_scheduler, stream, generator,
+                out, History(output_dir=str(out)))
 
-    start_step, records = 0, []
-    resume_from = ckpt.resolve_resume(config.resume, out)
+
+def _stream(config: TrainConfig, rank: int, world_size: int) -> PairStream:
+    """This process's share of the pairs: streamed data split by node, map-style data sharded by rank."""
+    dataset = load_pickapic(config.dataset, config.split, config.streaming)
+    if config.streaming and world_size > 1:
+        from datasets.distributed import split_dataset_by_node
+        dataset = split_dataset_by_node(dataset, rank, world_size)
+    transform = PairTransform(config.resolution, config.random_crop, config.random_flip)
+    return PairStream(dataset, transform, config.batch_size, seed=config.seed,
+                      empty_prompt_prob=config.empty_prompt_prob, max_pairs=config.max_train_pairs,
+                      rank=0 if config.streaming else rank, world_size=1 if config.streaming else world_size)
+
+
+def _resume_and_open_logs(run: _Run) -> int:
+    """Restore the checkpoint asked for (if any), prepare the output folder; return the start step."""
+    config, acc = run.config, run.accelerator
+    start_step = 0
+    resume_from = ckpt.resolve_resume(config.resume, run.out)
     if resume_from is not None:
-        _check_resume_compatible(resume_from, config)
-        state = ckpt.load_checkpoint(resume_from, accelerator.unwrap_model(unet), optimizer, lr_scheduler, generator)
+        _check_resume_compatible(resume_from, config, acc.num_processes)
+        state = ckpt.load_checkpoint(resume_from, acc.unwrap_model(run.unet), run.optimizer, run.lr_scheduler,
+                                     run.generator, rank=acc.process_index)
         start_step = state["step"]
-        stream.load_state_dict(state["data"])
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt.clean_partial(out)
-        records = _truncate_history(out / "history.jsonl", start_step)
-        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+        run.stream.load_state_dict(state["data"])
+    if acc.is_main_process:
+        run.out.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_partial(run.out)
+        run.history.records = _truncate_history(run.out / "history.jsonl", start_step)
+        effective = config.batch_size * config.grad_accum * acc.num_processes
+        (run.out / "config.json").write_text(json.dumps(
+            {**config.to_dict(), "effective_batch_pairs": effective, "world_size": acc.num_processes}, indent=1))
         if config.report_to:
-            accelerator.init_trackers("dpo-tutorial", config={k: v for k, v in config.to_dict().items()
-                                                             if isinstance(v, (int, float, str, bool))})
-    history = History(records=records, output_dir=str(out))
-    batches = iter(stream)
-    first_captions: list[str] = []
+            acc.init_trackers("dpo-tutorial", config={k: v for k, v in config.to_dict().items()
+                                                     if isinstance(v, (int, float, str, bool))})
+    acc.wait_for_everyone()
+    return start_step
+
+
+def _optimizer_step(run: _Run, batches) -> tuple[list[DPOLossOutput], bool]:
+    """``grad_accum`` micro-batches, then one update; skipped when the loss or a gradient is not finite."""
+    config, acc = run.config, run.accelerator
+    outs, ok = [], True
+    for _ in range(config.grad_accum):
+        batch = next(batches)
+        with acc.accumulate(run.unet):
+            result = dpo_step(run.parts, run.unet, batch, config.beta, config.loss_type, run.generator,
+                              run.ref_unet, resolution=config.resolution)
+            acc.backward(result.loss)  # every process backprops, so DDP never waits for a skipped one
+            ok = ok and bool(torch.isfinite(result.loss))
+            if acc.sync_gradients:
+                if config.max_grad_norm > 0 and ok:
+                    acc.clip_grad_norm_(run.params, config.max_grad_norm)
+                ok = ok and all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in run.params)
+                if ok:
+                    run.optimizer.step()
+                    run.lr_scheduler.step()
+                run.optimizer.zero_grad(set_to_none=True)
+        outs.append(result)
+    return outs, ok
+
+
+def _log(run: _Run, step: int, outs: list[DPOLossOutput], updated: bool, seconds: float, bar) -> None:
+    record = {"step": step, **_mean_metrics(outs, run.accelerator), "lr": run.lr_scheduler.get_last_lr()[0],
+              "skipped_update": not updated, "skipped_pairs": sum(run.stream.skipped.values()),
+              "seconds": round(seconds, 3)}
+    if run.accelerator.is_main_process:
+        _append_jsonl(run.out / "history.jsonl", record)
+        run.history.records.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['implicit_acc']:.2f}")
+        if run.config.report_to:
+            run.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+
+
+def _save(run: _Run, step: int) -> None:
+    acc = run.accelerator
+    ckpt.save_checkpoint(run.out, step, trainable=_trainable_state(acc.unwrap_model(run.unet)),
+                         optimizer=run.optimizer, lr_scheduler=run.lr_scheduler, generator=run.generator,
+                         data_state=run.stream.state_dict(), extra={"config": run.config.to_dict()},
+                         rank=acc.process_index, world_size=acc.num_processes, barrier=acc.wait_for_everyone,
+                         limit=run.config.checkpoints_total_limit)
+
+
+def train(config: TrainConfig) -> History:
+    """Run Diffusion-DPO fine-tuning described by ``config``; return the per-step :class:`History`.
+
+    Works the same on a laptop CPU (toy preset), one GPU, or several processes under ``accelerate
+    launch`` / ``torchrun`` (effective batch = ``batch_size * grad_accum * processes`` pairs; only the
+    main process logs, checkpoints and exports). Artefacts in ``config.output_dir``: ``history.jsonl``,
+    ``config.json``, ``checkpoint-<step>/``, ``pytorch_lora_weights.safetensors`` (or ``unet/`` for a
+    full fine-tune), ``data_summary.json`` and, for LoRA runs, ``samples.png`` (top: base, bottom: DPO).
+    A non-finite loss or gradient skips that update; ``max_nonfinite_steps`` in a row save a checkpoint
+    and stop with ``FloatingPointError``.
+    """
+    from tqdm.auto import tqdm
+
+    run = _setup(config)
+    start_step = _resume_and_open_logs(run)
+    batches = iter(run.stream)
     bar = tqdm(range(start_step, config.max_steps), initial=start_step, total=config.max_steps,
-               desc="Diffusion-DPO", disable=not accelerator.is_local_main_process)
-    t0 = time.perf_counter()
-    nonfinite_in_a_row = 0
+               desc="Diffusion-DPO", disable=not run.accelerator.is_local_main_process)
+    t0, bad_in_a_row = time.perf_counter(), 0
     for step in bar:
-        outs = []
-        for _ in range(config.grad_accum):
-            batch = next(batches)
-            first_captions = first_captions or batch["captions"]
-            with accelerator.accumulate(unet):
-                result = dpo_step(parts, unet, batch, config.beta, config.loss_type, generator, ref_unet,
-                                  resolution=config.resolution)
-                accelerator.backward(result.loss)  # every process backprops, so DDP never waits
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                grads_ok = bool(torch.isfinite(result.loss)) and all(
-                    p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
-                if grads_ok:
-                    optimizer.step()
-                    lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            outs.append(result)
-        nonfinite_in_a_row = 0 if grads_ok else nonfinite_in_a_row + 1
-        record = {"step": step + 1, **_mean_metrics(outs, accelerator), "lr": lr_scheduler.get_last_lr()[0],
-                  "skipped_update": not grads_ok, "seconds": round(time.perf_counter() - t0, 3)}
-        if accelerator.is_main_process:
-            _append_jsonl(out / "history.jsonl", record)
-            history.records.append(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['implicit_acc']:.2f}")
-            if config.report_to:
-                accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step + 1)
-        done = step + 1 == config.max_steps
-        stop = nonfinite_in_a_row >= 5
-        if (config.checkpoint_every and (step + 1) % config.checkpoint_every == 0) or done or stop:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process and (not stop or step + 1 > nonfinite_in_a_row):
-                ckpt.save_checkpoint(out, step + 1, _trainable_state(accelerator.unwrap_model(unet)), optimizer,
-                                     lr_scheduler, generator, {"data": stream.state_dict(),
-                                                               "config": config.to_dict()},
-                                     config.checkpoints_total_limit)
+        outs, updated = _optimizer_step(run, batches)
+        bad_in_a_row = 0 if updated else bad_in_a_row + 1
+        _log(run, step + 1, outs, updated, time.perf_counter() - t0, bar)
+        stop = bad_in_a_row >= config.max_nonfinite_steps
+        if stop or step + 1 == config.max_steps or (
+                config.checkpoint_every and (step + 1) % config.checkpoint_every == 0):
+            _save(run, step + 1)
         if stop:
             raise FloatingPointError(
-                f"{nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient (last at step "
+                f"{bad_in_a_row} optimizer steps in a row had a non-finite loss or gradient (last at step "
                 f"{step + 1}); the learning rate ({config.lr}) or beta ({config.beta}) is probably too large, "
-                "or fp16 overflowed (try bf16). The last checkpoint is in " + str(out))
-    accelerator.wait_for_everyone()
-    history.data_summary = _data_summary(stream)
-    if accelerator.is_main_process:
-        _finish(accelerator.unwrap_model(unet), parts, config, history, first_captions)
-    accelerator.end_training()
-    return history
+                f"or fp16 overflowed (try bf16). Checkpoint saved in {run.out}")
+    run.history.data_summary = _data_summary(run.stream)
+    if run.accelerator.is_main_process:
+        _finish(run.accelerator.unwrap_model(run.unet), run.parts, config, run.history, run.stream.first_captions)
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
+    return run.history
 
 
 def _data_summary(stream: PairStream) -> dict:
+    """Ties, invalid labels and undecodable images skipped; one warning when anything was unusable."""
     summary = {"ties_dropped": getattr(stream, "ties", 0) + stream.skipped.get("tie", 0),
                "invalid_labels": getattr(stream, "invalid_labels", 0) + stream.skipped.get("invalid", 0),
                "undecodable_skipped": stream.skipped.get("undecodable", 0)}
-    if summary["undecodable_skipped"]:
-        warnings.warn(f"skipped {summary['undecodable_skipped']} pair(s) whose image bytes did not decode")
+    if summary["undecodable_skipped"] or summary["invalid_labels"]:
+        warnings.warn(f"skipped {summary['undecodable_skipped']} pair(s) whose images did not decode and "
+                      f"{summary['invalid_labels']} with an invalid label_0 (NaN or outside [0, 1])")
     return summary
 
 
