@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", default="toy", choices=PRESET_NAMES,
                        help="named recipe the other flags override (default: toy, offline)")
     add_config_flags(train)
+    cache = sub.add_parser("cache", help="encode a dataset once (VAE latents + text embeddings) for fast training",
+                           description="Encode --dataset/--split for --pretrained at --resolution into a latent "
+                                       "cache; then train with --cache DIR and the same model and resolution.")
+    cache.add_argument("--out", required=True, help="folder to write the cache to")
+    cache.add_argument("--preset", default="toy", choices=PRESET_NAMES, help="named recipe the flags override")
+    add_config_flags(cache)
     return parser
 
 
@@ -70,7 +76,17 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": run_train}
+def run_cache(args: argparse.Namespace) -> int:
+    """``dpo-tutorial cache``: build the latent cache and say how to use it."""
+    from .cache import build_cache
+
+    config = config_from_args(args)
+    out = build_cache(config, args.out)
+    print(f"cache written to {out}; train from it with: dpo-tutorial train --cache {out} (same model/resolution)")
+    return 0
+
+
+COMMANDS = {"train": run_train, "cache": run_cache}
 
 
 def main(argv: list[str] | None = None) -> int:

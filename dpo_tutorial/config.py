@@ -36,6 +36,7 @@ class TrainConfig:
     split: str = _f("train", "dataset split to train on")
     streaming: bool = _f(False, "stream the dataset instead of loading it (for the 335 GB Pick-a-Pic v2)")
     max_train_pairs: int | None = _f(None, "use at most this many pairs (after tie removal)")
+    cache: str | None = _f(None, "train from a latent cache folder made by `dpo-tutorial cache` (same model)")
     output_dir: str = _f("runs/dpo", "where the LoRA, history.jsonl and checkpoints go")
     # the DPO objective
     beta: float = _f(5000.0, "the paper's beta (diffusers SD script's beta_dpo is half of it)")

@@ -152,11 +152,22 @@ class PairTransform:
         x = torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0  # (3, H, W) in [-1, 1]
         return x, (h, w), (top, left)
 
+    def decide(self, rng: random.Random) -> tuple[float, float, bool]:
+        """The pair's crop window (relative x, y in [0, 1]) and flip, drawn once for both images."""
+        fx, fy = (rng.random(), rng.random()) if self.random_crop else (0.5, 0.5)
+        return fx, fy, self.random_flip and rng.random() < 0.5
+
     def __call__(self, img_a: Image.Image, img_b: Image.Image, rng: random.Random):
         """Transform both images with one crop window (relative position) and one flip decision."""
-        fx, fy = (rng.random(), rng.random()) if self.random_crop else (0.5, 0.5)
-        flip = self.random_flip and rng.random() < 0.5
+        fx, fy, flip = self.decide(rng)
         return self._one(img_a, fx, fy, flip), self._one(img_b, fx, fy, flip)
+
+
+def drop_caption(caption: str | None, rng: random.Random, empty_prompt_prob: float) -> str:
+    """The caption, or ``""`` with probability ``empty_prompt_prob`` (the official code uses 0.2)."""
+    if empty_prompt_prob > 0 and rng.random() < empty_prompt_prob:
+        return ""
+    return caption or ""
 
 
 @dataclass
@@ -184,9 +195,7 @@ def make_example(row: dict, transform: PairTransform, rng: random.Random,
     winner, loser = ("jpg_0", "jpg_1") if order == "0" else ("jpg_1", "jpg_0")
     img_w, img_l = decode_image(row[winner]), decode_image(row[loser])
     (x_w, size_w, crop_w), (x_l, size_l, crop_l) = transform(img_w, img_l, rng)
-    caption = row["caption"] or ""
-    if empty_prompt_prob > 0 and rng.random() < empty_prompt_prob:
-        caption = ""
+    caption = drop_caption(row["caption"], rng, empty_prompt_prob)
     return PairExample(caption, x_w, x_l, size_w, size_l, crop_w, crop_l)
 
 
@@ -226,6 +235,8 @@ class PairStream:
     seed: int = 0
     empty_prompt_prob: float = 0.0
     max_pairs: int | None = None
+    make: object = None  # (row, rng) -> example; default: decode and transform (make_example)
+    collate: object = collate_pairs
     rank: int = 0  # map-style data: this process takes every world_size-th pair of the shared order
     world_size: int = 1
     epoch: int = 0
@@ -278,7 +289,8 @@ class PairStream:
                 self.position = i + 1
                 rng = random.Random(f"{self.seed}-{self.epoch}-{i}")
                 try:
-                    example = make_example(row, self.transform, rng, self.empty_prompt_prob)
+                    example = (self.make(row, rng) if self.make else
+                               make_example(row, self.transform, rng, self.empty_prompt_prob))
                 except KeyError as err:
                     check_columns(list(row), "streamed dataset")
                     raise DataError(f"row {i} has no column {err}") from err
@@ -300,7 +312,7 @@ class PairStream:
             buffer.append(example)
             if len(buffer) == self.batch_size:
                 self.first_captions = self.first_captions or [e.caption for e in buffer]
-                yield collate_pairs(buffer)
+                yield self.collate(buffer)
                 buffer = []
 
     def state_dict(self) -> dict:

@@ -66,6 +66,26 @@ def unet_forward(unet, noisy: torch.Tensor, timesteps: torch.Tensor, prompt_embe
     return unet(noisy, timesteps, prompt_embeds, added_cond_kwargs=added_cond, return_dict=False)[0]
 
 
+def _encode_batch(parts: DiffusionParts, batch: dict, generator, resolution: int | None):
+    """Latents ``(2B, C, h, w)``, caption embeddings ``(B, L, D)``, pooled ``(B, P)``, time ids ``(2B, 6)``.
+
+    From images (VAE + text encoders, as the public recipe does every step) or, for a batch from the
+    latent cache, by sampling ``mean + std * randn`` — the same draw ``latent_dist.sample`` makes.
+    """
+    if "latent_mean" in batch:
+        mean = batch["latent_mean"].to(parts.vae.device)
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        latents = (mean + batch["latent_std"].to(mean.device) * noise) * parts.vae.config.scaling_factor
+        return latents, batch["prompt_embeds"], batch.get("pooled"), batch["time_ids"]
+    latents = encode_images(parts.vae, batch["pixel_values"], generator)
+    prompt_embeds, pooled = encode_prompts(parts, batch["captions"])
+    time_ids = None
+    if parts.is_sdxl:
+        time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"],
+                                 resolution or batch["pixel_values"].shape[-1])
+    return latents, prompt_embeds, pooled, time_ids
+
+
 def dpo_step(parts: DiffusionParts, unet, batch: dict, beta: float, loss_type: str = "sigmoid",
              generator: torch.Generator | None = None, ref_unet=None, noise: torch.Tensor | None = None,
              timesteps: torch.Tensor | None = None, resolution: int | None = None) -> DPOLossOutput:
@@ -76,16 +96,13 @@ def dpo_step(parts: DiffusionParts, unet, batch: dict, beta: float, loss_type: s
     override the random draw (tests hold them fixed).
     """
     base = getattr(unet, "module", unet)
-    latents = encode_images(parts.vae, batch["pixel_values"], generator)  # (2B, C, h, w)
-    latents = latents.to(next(p for p in base.parameters()).dtype)
+    latents, prompt_embeds, pooled, time_ids = _encode_batch(parts, batch, generator, resolution)
+    latents = latents.to(next(p for p in base.parameters()).dtype)  # (2B, C, h, w)
     num_pairs = latents.shape[0] // 2
-    prompt_embeds, pooled = encode_prompts(parts, batch["captions"])  # (B, L, D), (B, P) | None
-    prompt_embeds = prompt_embeds.repeat(2, 1, 1).to(latents.dtype)  # (2B, L, D): pair i shares caption i
+    prompt_embeds = prompt_embeds.repeat(2, 1, 1).to(latents.device, latents.dtype)  # (2B, L, D): pair i shares caption i
     added_cond = None
     if parts.is_sdxl:
-        time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"],
-                                 resolution or batch["pixel_values"].shape[-1])
-        added_cond = {"text_embeds": pooled.repeat(2, 1).to(latents.dtype),  # (2B, P)
+        added_cond = {"text_embeds": pooled.repeat(2, 1).to(latents.device, latents.dtype),  # (2B, P)
                       "time_ids": time_ids.to(latents.device, latents.dtype)}  # (2B, 6)
     if noise is None:
         noise = shared_noise(latents, generator)  # (2B, C, h, w), halves identical
@@ -274,6 +291,12 @@ def _setup(config: TrainConfig) -> _Run:
 
 def _stream(config: TrainConfig, rank: int, world_size: int) -> PairStream:
     """This process's share of the pairs: streamed data split by node, map-style data sharded by rank."""
+    if config.cache:
+        from .cache import LatentCache
+
+        cache = LatentCache(config.cache, config)
+        return PairStream(cache, cache.transform, config.batch_size, seed=config.seed, max_pairs=config.max_train_pairs,
+                          make=cache.make, collate=cache.collate, rank=rank, world_size=world_size)
     dataset = load_pickapic(config.dataset, config.split, config.streaming)
     if config.streaming and world_size > 1:
         from datasets.distributed import split_dataset_by_node
