@@ -64,6 +64,9 @@ class TrainConfig:
     # speed and memory
     mixed_precision: str = _f("no", f"one of {', '.join(MIXED_PRECISIONS)}")
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
+    channels_last: bool = _f(False, "UNet weights and activations in channels-last layout (GPU convs)")
+    compile_unet: bool = _f(False, "torch.compile the UNet (first steps slower while it compiles)")
+    allow_tf32: bool = _f(False, "TF32 matmuls/convs on Ampere+ GPUs")
     # bookkeeping
     seed: int = _f(0, "random seed (data order, noise, timesteps, LoRA init)")
     checkpoint_every: int = _f(0, "save a resumable checkpoint every N steps (0: only at the end)")

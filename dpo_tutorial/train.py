@@ -167,8 +167,21 @@ def _prepare_model(parts: DiffusionParts, config: TrainConfig, weight_dtype: tor
         params = add_lora(unet, config.rank, config.lora_alpha, init_seed=config.seed)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    _speed_options(config, [u for u in (unet, ref_unet) if u is not None])
     unet.train()
     return params, ref_unet
+
+
+def _speed_options(config: TrainConfig, unets: list) -> None:
+    """Opt-in GPU speed settings (each benchmarked in ``benchmarks/``, none assumed to help)."""
+    if config.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    for unet in unets:
+        if config.channels_last:
+            unet.to(memory_format=torch.channels_last)
+        if config.compile_unet:
+            unet.compile()  # in place: parameter names (LoRA export, checkpoints) stay unchanged
 
 
 RESUME_MUST_MATCH = ("pretrained", "rank", "lora_alpha", "full_finetune", "resolution")

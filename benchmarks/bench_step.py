@@ -1,0 +1,137 @@
+"""Pairs/s and peak memory of one Diffusion-DPO step: the public recipe's work vs this project's cached step.
+
+(a) baseline: what the diffusers Diffusion-DPO script does at *every* step, written here from its
+    description: decode both JPEGs of each pair, resize/crop/flip, VAE-encode the 2B images, text-encode
+    the captions, then the policy pass (LoRA on) and the reference pass (LoRA off), loss, backward, step.
+(b) project: the same step from the latent cache (``dpo-tutorial cache``): sample latents from the cached
+    posterior, look up the caption embeddings, the two UNet passes, loss, backward, step.
+
+Both run on the same pipeline, data, batch size, resolution and seeds, each in a fresh process (so the
+peak memory of one does not hide the other's); the script prints both and their ratio, and compares every
+step's losses of both (equal up to float noise: the cache does not change the maths).
+
+    python benchmarks/bench_step.py                        # toy pipeline, batch 16 pairs, CPU
+    python benchmarks/bench_step.py --pretrained DIR --dataset PARQUET --resolution 512 --batch-size 4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _config(args):
+    from dpo_tutorial.config import get_preset
+
+    return get_preset("toy", **{k: v for k, v in dict(pretrained=args.pretrained, dataset=args.dataset,
+                                                        resolution=args.resolution, batch_size=args.batch_size,
+                                                        seed=0, random_flip=True).items() if v is not None})
+
+
+def recipe_step(parts, unet, batch, beta, generator):
+    """The public recipe, inline: every expensive stage it repeats each step, nothing shared with the package."""
+    import torch.nn.functional as F
+
+    from dpo_tutorial.models import tokenize
+
+    pixels = batch["pixel_values"]  # decoded + resized by the stream, as the recipe's dataloader does
+    with torch.no_grad():
+        latents = parts.vae.encode(pixels).latent_dist.sample(generator) * parts.vae.config.scaling_factor
+        ids = tokenize(parts.tokenizers[0], batch["captions"])
+        embeds = parts.text_encoders[0](ids)[0].repeat(2, 1, 1)
+    noise = torch.randn(latents.shape[0] // 2, *latents.shape[1:], generator=generator).repeat(2, 1, 1, 1)
+    t = torch.randint(0, parts.noise_scheduler.config.num_train_timesteps, (latents.shape[0] // 2,),
+                      generator=generator).repeat(2)
+    noisy = parts.noise_scheduler.add_noise(latents, noise, t)
+    pred = unet(noisy, t, embeds).sample
+    with torch.no_grad():
+        unet.disable_adapters()
+        ref = unet(noisy, t, embeds).sample
+        unet.enable_adapters()
+    mse = lambda p: (p.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))  # noqa: E731
+    model_w, model_l = mse(pred).chunk(2)
+    ref_w, ref_l = mse(ref).chunk(2)
+    return -F.logsigmoid(-0.5 * beta * ((model_w - model_l) - (ref_w - ref_l))).mean()
+
+
+def run_variant(args) -> dict:
+    """One variant in this process: warm-up, then timed steps. Returns pairs/s, peak RSS, first loss."""
+    from dpo_tutorial.data import PairStream, PairTransform, load_pickapic
+    from dpo_tutorial.models import add_lora, load_parts
+    from dpo_tutorial.train import _stream, dpo_step
+
+    torch.set_num_threads(args.threads)
+    config = _config(args).replace(cache=args.cache if args.variant == "project" else None)
+    parts = load_parts(config.pretrained)
+    params = add_lora(parts.unet, rank=8, init_seed=0)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    if args.variant == "project":
+        stream = iter(_stream(config, 0, 1))
+        step = lambda b: dpo_step(parts, parts.unet, b, config.beta, generator=g).loss  # noqa: E731
+    else:
+        ds = load_pickapic(config.dataset, config.split)
+        stream = iter(PairStream(ds, PairTransform(config.resolution, False, True), config.batch_size, seed=0))
+        step = lambda b: recipe_step(parts, parts.unet, b, config.beta, g)  # noqa: E731
+    losses, t0 = [], None
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup:
+            t0 = time.perf_counter()
+        loss = step(next(stream))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    seconds = time.perf_counter() - t0
+    return {"variant": args.variant, "pairs_per_s": args.steps * config.batch_size / seconds,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "losses": losses}
+
+
+def main() -> None:
+    """Build the cache, run both variants in fresh processes, print the table and the ratio."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pretrained"), p.add_argument("--dataset"), p.add_argument("--resolution", type=int)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count())
+    p.add_argument("--variant", choices=["baseline", "project"], help=argparse.SUPPRESS)
+    p.add_argument("--cache", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args)))
+        return
+    from dpo_tutorial.cache import build_cache
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        build_cache(_config(args), Path(tmp) / "cache")
+        cache_s = time.perf_counter() - t0
+        results = {}
+        for variant in ("baseline", "project"):
+            cmd = [sys.executable, __file__, "--variant", variant, "--cache", str(Path(tmp) / "cache"),
+                   *sys.argv[1:]]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            results[variant] = json.loads(out)
+    cfg = _config(args)
+    print(f"pipeline {cfg.pretrained}\nbatch {cfg.batch_size} pairs, {cfg.resolution} px, {args.threads} threads, "
+          f"{args.steps} timed steps after {args.warmup} warm-up; cache built once in {cache_s:.1f} s")
+    print(f"{'variant':10s} {'pairs/s':>9s} {'peak RSS MB':>12s} {'mean loss':>10s}")
+    for r in results.values():
+        mean_loss = sum(r["losses"]) / len(r["losses"])
+        print(f"{r['variant']:10s} {r['pairs_per_s']:9.2f} {r['peak_rss_mb']:12.0f} {mean_loss:10.6f}")
+    diff = max(abs(a - b) for a, b in zip(results["baseline"]["losses"], results["project"]["losses"]))
+    print(f"max |loss difference| over {len(results['project']['losses'])} steps: {diff:.2e}")
+    print(f"speed-up project / baseline: {results['project']['pairs_per_s'] / results['baseline']['pairs_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
