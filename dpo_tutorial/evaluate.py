@@ -1,0 +1,143 @@
+"""Does the DPO LoRA help? Win-rate under a judge, judge accuracy, implicit-reward accuracy.
+
+- **Win-rate** (the paper's headline metric, there with human raters): for the same caption and the
+  same sampling seed, is the DPO image scored higher than the base image? A tie counts one half, as in
+  the paper's human evaluation. Reported with a 95% normal-approximation confidence interval over the
+  per-prompt outcomes (1, ½, 0).
+- **Accuracy**: the share of images the judge calls correct, for base and DPO.
+- **Implicit-reward accuracy** (the paper's Table 2 column): on held-out preference pairs, how often
+  the trained model's implicit reward ``-β/2 · (model_diff - ref_diff)`` prefers the labelled winner,
+  averaging the reward over several shared (noise, timestep) draws per pair.
+
+The judge is any pair of functions over ``(N, H, W, 3)`` uint8 images and ``N`` captions: ``score`` →
+``(N,)`` floats (higher = better) and ``correct`` → ``(N,)`` bools. The toy world's judge is one;
+PickScore (a learned human-preference model) plays the same role for SD 1.5.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import PairTransform, collate_pairs, load_pickapic, make_example, pair_order
+
+
+@dataclass
+class EvalResult:
+    """The numbers ``dpo-tutorial evaluate`` prints (``--json`` prints them as one object)."""
+
+    base_accuracy: float
+    dpo_accuracy: float
+    win_rate: float
+    win_rate_ci_low: float
+    win_rate_ci_high: float
+    implicit_acc: float
+    n: int
+    base_mean_score: float
+    dpo_mean_score: float
+
+    def to_dict(self) -> dict:
+        """Plain dict (JSON-serialisable)."""
+        return asdict(self)
+
+
+def win_rate(base_scores, dpo_scores, tie_tol: float = 1e-6) -> tuple[float, float, float]:
+    """Win-rate of DPO over base with ties split, and its 95% confidence interval ``(rate, low, high)``.
+
+    Outcome per prompt: 1 if ``dpo > base + tie_tol``, 0 if ``dpo < base - tie_tol``, else ½; the
+    interval is ``mean ± 1.96 · sd / √n`` of those outcomes, clipped to [0, 1].
+    """
+    base, dpo = np.asarray(base_scores, float), np.asarray(dpo_scores, float)
+    if base.shape != dpo.shape or base.size == 0:
+        raise ValueError(f"need equal, non-empty score arrays, got {base.shape} and {dpo.shape}")
+    outcome = np.where(dpo > base + tie_tol, 1.0, np.where(dpo < base - tie_tol, 0.0, 0.5))
+    rate = float(outcome.mean())
+    half = 1.96 * float(outcome.std(ddof=1)) / math.sqrt(outcome.size) if outcome.size > 1 else 1.0
+    return rate, max(0.0, rate - half), min(1.0, rate + half)
+
+
+@torch.no_grad()
+def implicit_reward_accuracy(parts, unet, dataset, resolution: int, beta: float = 5000.0, num_draws: int = 8,
+                             batch_size: int = 64, seed: int = 0) -> float:
+    """Share of non-tie pairs whose implicit reward, averaged over ``num_draws`` noise/timestep draws, prefers the winner.
+
+    ``unet`` carries the LoRA; the reference is the same UNet with the adapter off. Pairs that do not
+    decode are skipped; ties are not scored (they have no winner).
+    """
+    from .train import dpo_step
+
+    transform = PairTransform(resolution, random_crop=False, random_flip=False)
+    rows = [dataset[i] for i, label in enumerate(dataset["label_0"]) if pair_order(label) in ("0", "1")]
+    examples = []
+    for row in rows:
+        try:
+            examples.append(make_example(row, transform, random.Random(0)))
+        except ValueError:
+            continue
+    if not examples:
+        raise ValueError("no decodable non-tie pairs to score")
+    unet.eval()
+    logits = torch.zeros(len(examples))
+    generator = torch.Generator(device=parts.vae.device).manual_seed(seed)
+    for start in range(0, len(examples), batch_size):
+        batch = collate_pairs(examples[start:start + batch_size])
+        for _ in range(num_draws):
+            out = dpo_step(parts, unet, batch, beta, generator=generator, resolution=resolution)
+            logits[start:start + len(out.logits)] += out.logits.cpu() / num_draws
+    return float(((logits > 0).float() + 0.5 * (logits == 0).float()).mean())
+
+
+def compare_samples(pipe, captions: list[str], seeds: list[int], judge_score, judge_correct, steps: int,
+                    guidance_scale: float, batch_size: int = 240) -> dict:
+    """Base (LoRA off) and DPO (LoRA on) images for the same captions and seeds, scored by the judge."""
+    from .sample import generate_with_and_without_lora
+
+    base, dpo = [], []
+    for i in range(0, len(captions), batch_size):
+        b, d = generate_with_and_without_lora(pipe, captions[i:i + batch_size], seeds[i:i + batch_size],
+                                              steps=steps, guidance_scale=guidance_scale)
+        base.append(b)
+        dpo.append(d)
+    base, dpo = np.concatenate(base), np.concatenate(dpo)
+    return {"base_images": base, "dpo_images": dpo,
+            "base_scores": np.asarray(judge_score(base, captions), float),
+            "dpo_scores": np.asarray(judge_score(dpo, captions), float),
+            "base_correct": np.asarray(judge_correct(base, captions), bool),
+            "dpo_correct": np.asarray(judge_correct(dpo, captions), bool)}
+
+
+def load_with_lora(pretrained: str, lora_dir: str | Path):
+    """(pipeline with the LoRA loaded, its DiffusionParts) for evaluation."""
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    from .models import DiffusionParts
+
+    pipe = StableDiffusionPipeline.from_pretrained(pretrained, safety_checker=None, requires_safety_checker=False)
+    pipe.load_lora_weights(str(lora_dir))
+    pipe.set_progress_bar_config(disable=True)
+    train_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    parts = DiffusionParts([pipe.tokenizer], [pipe.text_encoder], pipe.vae, pipe.unet, train_scheduler, False)
+    return pipe, parts
+
+
+def evaluate(pretrained: str, lora_dir: str | Path, captions: list[str], seeds: list[int], judge_score,
+             judge_correct, test_data: str | None = None, test_split: str = "test", resolution: int = 32,
+             beta: float = 5000.0, steps: int = 25, guidance_scale: float = 7.5, num_draws: int = 8) -> tuple[EvalResult, dict]:
+    """Everything :class:`EvalResult` reports, plus the raw samples and scores (for plots)."""
+    pipe, parts = load_with_lora(pretrained, lora_dir)
+    samples = compare_samples(pipe, captions, seeds, judge_score, judge_correct, steps, guidance_scale)
+    rate, low, high = win_rate(samples["base_scores"], samples["dpo_scores"])
+    implicit = float("nan")
+    if test_data:
+        implicit = implicit_reward_accuracy(parts, pipe.unet, load_pickapic(test_data, test_split), resolution,
+                                            beta=beta, num_draws=num_draws)
+    result = EvalResult(base_accuracy=float(samples["base_correct"].mean()),
+                        dpo_accuracy=float(samples["dpo_correct"].mean()), win_rate=rate, win_rate_ci_low=low,
+                        win_rate_ci_high=high, implicit_acc=implicit, n=len(captions),
+                        base_mean_score=float(samples["base_scores"].mean()),
+                        dpo_mean_score=float(samples["dpo_scores"].mean()))
+    return result, samples
