@@ -1,0 +1,136 @@
+"""Every figure of the notebooks and of ``figures/`` (``dpo-tutorial figures`` regenerates them)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _plt():
+    import matplotlib.pyplot as plt  # headless machines fall back to the Agg backend by themselves
+
+    return plt
+
+
+def logsigmoid_figure():
+    """``-log σ(x)`` (the per-pair loss) and its slope ``σ(-x)`` (the per-pair weight of the gradient)."""
+    plt = _plt()
+    x = torch.linspace(-8, 8, 401)
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax[0].plot(x, -torch.nn.functional.logsigmoid(x), color="C0")
+    ax[0].axhline(np.log(2), ls=":", color="grey")
+    ax[0].text(-7.5, np.log(2) + 0.2, "log 2 at x = 0 (policy = reference)", fontsize=8)
+    ax[0].set(title=r"loss $-\log\sigma(x)$", xlabel=r"$x = -\frac{\beta}{2}$(model_diff − ref_diff)")
+    ax[1].plot(x, torch.sigmoid(-x), color="C1")
+    ax[1].set(title=r"slope $\sigma(-x)$: how hard a pair still pulls", xlabel="x")
+    fig.tight_layout()
+    return fig
+
+
+def beta_figure(delta_scale: float, betas=(500, 2000, 5000, 20000)):
+    """Loss against ``model_diff - ref_diff`` for several β, on the scale the data actually has."""
+    plt = _plt()
+    d = torch.linspace(-4 * delta_scale, 4 * delta_scale, 401)
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for beta in betas:
+        ax.plot(d, -torch.nn.functional.logsigmoid(-0.5 * beta * d), label=f"β = {beta}")
+    ax.axvspan(-delta_scale, delta_scale, color="grey", alpha=0.15, label="typical |model_diff − ref_diff|")
+    ax.set(xlabel="model_diff − ref_diff", ylabel="loss", title="β sets how far the policy may move")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def loss_variants_figure(beta: float = 1.0):
+    """The sigmoid (paper), hinge and IPO per-pair losses as functions of the logit."""
+    plt = _plt()
+    from .loss import dpo_losses
+
+    z = torch.linspace(-4, 4, 401)
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for kind in ("sigmoid", "hinge", "ipo"):
+        ax.plot(z, [dpo_losses(v.view(1), beta, kind).item() for v in z], label=kind)
+    ax.set(xlabel=r"logit $z = -\frac{\beta}{2}$(model_diff − ref_diff)", ylabel="per-pair loss", ylim=(0, 6))
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def geometry_figure(eps, pred_w, pred_l, ref_w, ref_l, title: str = "model_diff vs ref_diff"):
+    """2-D picture: the true noise ε, policy and reference predictions for winner and loser, errors as segments.
+
+    Arguments are 2-vectors (already projected). ``model_diff = |pred_w-ε|² - |pred_l-ε|²`` and the same
+    for the reference; the loss pushes the policy's winner prediction toward ε and its loser's away.
+    """
+    plt = _plt()
+    pts = {"ε (true noise)": (eps, "k", "*"), "policy, winner": (pred_w, "C2", "o"), "policy, loser": (pred_l, "C3", "o"),
+           "reference, winner": (ref_w, "C2", "s"), "reference, loser": (ref_l, "C3", "s")}
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    for name, (p, c, m) in pts.items():
+        ax.scatter(*p, color=c, marker=m, s=90 if m == "*" else 50, label=name, zorder=3,
+                   facecolors="none" if m == "s" else c)
+        if name != "ε (true noise)":
+            ax.plot([eps[0], p[0]], [eps[1], p[1]], color=c, ls="-" if "policy" in name else ":", lw=1)
+    sq = lambda p: float(((np.asarray(p) - np.asarray(eps)) ** 2).sum())  # noqa: E731
+    model_diff, ref_diff = sq(pred_w) - sq(pred_l), sq(ref_w) - sq(ref_l)
+    ax.annotate("", xy=eps, xytext=pred_w, arrowprops=dict(arrowstyle="->", color="C2", alpha=0.5))
+    ax.set_title(f"{title}\nmodel_diff = {model_diff:.3f}, ref_diff = {ref_diff:.3f}", fontsize=10)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_aspect("equal", adjustable="datalim")
+    fig.tight_layout()
+    return fig
+
+
+def spread_figure(shared: np.ndarray, independent: np.ndarray):
+    """Histograms of per-pair ``model_diff`` estimates with shared vs independent noise and timesteps."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    bins = np.linspace(min(shared.min(), independent.min()), max(shared.max(), independent.max()), 60)
+    ax.hist(independent, bins=bins, alpha=0.6, label=f"independent (sd {independent.std():.3g})")
+    ax.hist(shared, bins=bins, alpha=0.6, label=f"shared (sd {shared.std():.3g})")
+    ax.set(xlabel="model_diff estimate (one draw)", ylabel="count",
+           title=f"variance ratio independent / shared = {independent.var() / shared.var():.1f}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def training_figure(history):
+    """Loss, implicit accuracy, reward margin and raw MSEs per step of a :class:`History`."""
+    plt = _plt()
+    steps = history["step"]
+    fig, ax = plt.subplots(1, 4, figsize=(14, 3))
+    ax[0].plot(steps, history["loss"])
+    ax[0].axhline(np.log(2), ls=":", color="grey")
+    ax[0].set(title="loss (log 2 = no preference)")
+    ax[1].plot(steps, history["implicit_acc"])
+    ax[1].axhline(0.5, ls=":", color="grey")
+    ax[1].set(title="implicit accuracy (batch)")
+    ax[2].plot(steps, history["reward_margin"])
+    ax[2].set(title="reward margin")
+    ax[3].plot(steps, history["model_mse_w"], label="policy, winners")
+    ax[3].plot(steps, history["model_mse_l"], label="policy, losers")
+    ax[3].plot(steps, history["raw_ref_loss"], label="reference, all", alpha=0.6)
+    ax[3].set(title="raw MSE")
+    ax[3].legend(fontsize=7)
+    for a in ax:
+        a.set_xlabel("step")
+    fig.tight_layout()
+    return fig
+
+
+def grid_figure(base: np.ndarray, dpo: np.ndarray, captions: list[str], base_scores=None, dpo_scores=None):
+    """Base (top) vs DPO (bottom) images for the same captions and seeds, with judge scores if given."""
+    plt = _plt()
+    n = len(captions)
+    fig, ax = plt.subplots(2, n, figsize=(1.5 * n, 3.6), squeeze=False)
+    for i in range(n):
+        for row, (imgs, scores, name) in enumerate([(base, base_scores, "base"), (dpo, dpo_scores, "DPO")]):
+            ax[row, i].imshow(imgs[i])
+            ax[row, i].set_xticks([]), ax[row, i].set_yticks([])
+            label = f"{scores[i]:.2f}" if scores is not None else ""
+            ax[row, i].set_title(label, fontsize=8)
+            if i == 0:
+                ax[row, i].set_ylabel(name)
+        ax[1, i].set_xlabel(captions[i].replace("a ", ""), fontsize=8)
+    fig.tight_layout()
+    return fig
