@@ -27,4 +27,7 @@ train: install
 	dpo-tutorial train
 
 test: install-dev
-	$(PYTHON) -m pytest -q tests
+	DPO_TUTORIAL_FAST=$(FAST) $(PYTHON) -m pytest -q --nbmake --nbmake-timeout=600 tests notebooks
+
+figures: install
+	dpo-tutorial figures

@@ -60,6 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--out", required=True, help="folder to write the cache to")
     cache.add_argument("--preset", default="toy", choices=PRESET_NAMES, help="named recipe the flags override")
     add_config_flags(cache)
+    ev = sub.add_parser("evaluate", help="base vs DPO on the toy world: judge accuracy, win-rate, implicit accuracy",
+                        description="Sample base and DPO images for the same held-out captions and seeds, score "
+                                    "them with the toy judge, and measure implicit-reward accuracy on held-out pairs.")
+    ev.add_argument("--lora", required=True, help="folder holding pytorch_lora_weights.safetensors (a train output)")
+    ev.add_argument("--per-caption", type=int, default=40, help="images per caption and model (12 captions; default 40)")
+    ev.add_argument("--num-draws", type=int, default=8, help="noise/timestep draws per held-out pair (default 8)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    fig = sub.add_parser("figures", help="regenerate every PNG in figures/ (trains one short toy run)")
+    fig.add_argument("--out", default="figures", help="output folder (default: figures)")
+    toy = sub.add_parser("toy", help="rebuild the shipped toy assets (tiny-sd-shapes, pickapic-shapes)")
+    toy.add_argument("step", choices=["pretrain", "pairs"], help="pretrain the tiny SD, or sample + judge the pairs")
+    toy.add_argument("args", nargs=argparse.REMAINDER, help="passed on (see `dpo-tutorial toy pretrain --help`)")
     return parser
 
 
@@ -86,7 +98,48 @@ def run_cache(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": run_train, "cache": run_cache}
+def run_evaluate(args: argparse.Namespace) -> int:
+    """``dpo-tutorial evaluate``: the toy evaluation, as a table or one JSON object."""
+    import json
+    from pathlib import Path
+
+    from .toy.evaluation import evaluate_toy
+
+    if not (Path(args.lora) / "pytorch_lora_weights.safetensors").exists():
+        from .config import ConfigError
+        raise ConfigError(f"--lora {args.lora!r} holds no pytorch_lora_weights.safetensors: pass a train output dir")
+    result, _ = evaluate_toy(args.lora, per_caption=args.per_caption, num_draws=args.num_draws)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    r = result
+    print(f"images per model        {r.n}\n"
+          f"judge accuracy  base    {r.base_accuracy:.3f}\n"
+          f"judge accuracy  DPO     {r.dpo_accuracy:.3f}   ({100 * (r.dpo_accuracy - r.base_accuracy):+.1f} points)\n"
+          f"win-rate DPO over base  {r.win_rate:.3f}   95% CI [{r.win_rate_ci_low:.3f}, {r.win_rate_ci_high:.3f}]"
+          f" (ties count 1/2)\n"
+          f"implicit-reward acc.    {r.implicit_acc:.3f}   (held-out test pairs)")
+    return 0
+
+
+def run_toy(args: argparse.Namespace) -> int:
+    """``dpo-tutorial toy pretrain|pairs ...``: the scripts that made the shipped assets."""
+    from .toy import pairs, pretrain
+
+    {"pretrain": pretrain.main, "pairs": pairs.main}[args.step](args.args)
+    return 0
+
+
+def run_figures(args: argparse.Namespace) -> int:
+    """``dpo-tutorial figures``: write the figures and list them."""
+    from .figures import make_figures
+
+    for name in make_figures(args.out):
+        print(f"wrote {args.out}/{name}")
+    return 0
+
+
+COMMANDS = {"train": run_train, "cache": run_cache, "evaluate": run_evaluate, "toy": run_toy, "figures": run_figures}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .loss import LOSS_TYPES
 
@@ -129,18 +128,14 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def toy_assets_dir() -> Path:
-    """Folder of the shipped toy assets (``tiny-sd-shapes`` pipeline and ``pickapic-shapes`` pairs)."""
-    return Path(__file__).resolve().parent / "toy" / "assets"
-
-
 def _presets() -> dict[str, dict]:
-    toy = toy_assets_dir()
+    from . import toy
+
     return {
         # the offline default: tiny SD + toy pairs shipped in the package (see dpo_tutorial/toy)
-        "toy": dict(pretrained=str(toy / "tiny-sd-shapes"), dataset=str(toy / "pickapic-shapes"),
-                    resolution=32, batch_size=16, max_steps=300, lr=1e-3, beta=500.0, rank=8,
-                    random_flip=False, checkpoint_every=100, output_dir="runs/toy"),
+        "toy": dict(pretrained=str(toy.PIPELINE_DIR), dataset=str(toy.PAIRS_DIR), resolution=32, batch_size=32,
+                    max_steps=300, lr=3e-3, beta=1000.0, rank=8, checkpoint_every=100, output_dir="runs/toy",
+                    sample_steps=toy.SAMPLE_STEPS, guidance_scale=toy.GUIDANCE_SCALE),
         # SD 1.5 on one Colab GPU. beta 5000 = the diffusers SD script's beta_dpo 2500.
         "sd15": dict(pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5",
                      dataset="yuvalkirstain/pickapic_v2", streaming=True, resolution=512,

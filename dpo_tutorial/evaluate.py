@@ -116,7 +116,8 @@ def load_with_lora(pretrained: str, lora_dir: str | Path):
 
     from .models import DiffusionParts
 
-    pipe = StableDiffusionPipeline.from_pretrained(pretrained, safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(pretrained, safety_checker=None, requires_safety_checker=False,
+                                                   torch_dtype=torch.float32)
     pipe.load_lora_weights(str(lora_dir))
     pipe.set_progress_bar_config(disable=True)
     train_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)

@@ -148,3 +148,15 @@ def diffusion_dpo_loss(
     )
 
 
+
+
+def per_pair_weights(logits: torch.Tensor, beta: float = 1.0, loss_type: str = "sigmoid") -> torch.Tensor:
+    r"""How hard each pair pulls: :math:`-\partial L / \partial z_i` for the ``(B,)`` logits.
+
+    For the paper's loss this is :math:`\sigma(-z_i)/B`: pairs the policy already ranks right (large
+    :math:`z_i`) stop pulling. For ``legacy_mean_inside`` every pair gets the same weight
+    :math:`\sigma(-\bar z)/B`, so a badly ranked pair can hide behind well-ranked ones.
+    """
+    z = logits.detach().clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(dpo_losses(z, beta, loss_type), z)
+    return -grad

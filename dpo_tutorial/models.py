@@ -85,13 +85,14 @@ def load_parts(pretrained: str, vae: str | None = None, prediction_type: str | N
     root = str(local) if local is not None else pretrained
     try:
         tokenizers = [AutoTokenizer.from_pretrained(root, subfolder="tokenizer", use_fast=False)]
-        text_encoders = [CLIPTextModel.from_pretrained(root, subfolder="text_encoder")]
+        fp32 = {"torch_dtype": torch.float32}  # fp16-stored weights (the toy's) load as fp32; see _prepare_model
+        text_encoders = [CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **fp32)]
         if is_sdxl:
             tokenizers.append(AutoTokenizer.from_pretrained(root, subfolder="tokenizer_2", use_fast=False))
-            text_encoders.append(CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2"))
-        vae_model = (AutoencoderKL.from_pretrained(vae) if vae else
-                     AutoencoderKL.from_pretrained(root, subfolder="vae"))
-        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
+            text_encoders.append(CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2", **fp32))
+        vae_model = (AutoencoderKL.from_pretrained(vae, **fp32) if vae else
+                     AutoencoderKL.from_pretrained(root, subfolder="vae", **fp32))
+        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **fp32)
         scheduler = DDPMScheduler.from_pretrained(root, subfolder="scheduler")
     except (OSError, ValueError) as err:
         raise ModelError(f"could not load the pipeline parts from {pretrained!r}: {str(err)[:300]}") from err

@@ -134,3 +134,42 @@ def grid_figure(base: np.ndarray, dpo: np.ndarray, captions: list[str], base_sco
         ax[1, i].set_xlabel(captions[i].replace("a ", ""), fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def pairs_figure(rows: list[dict], max_pairs: int = 6):
+    """Pick-a-Pic rows as a grid: ``jpg_0`` left, ``jpg_1`` right, the preferred image framed in green."""
+    from .data import decode_image, pair_order
+
+    plt = _plt()
+    rows = rows[:max_pairs]
+    fig, ax = plt.subplots(len(rows), 2, figsize=(3.2, 1.6 * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        order = pair_order(row["label_0"])
+        for c, key in enumerate(("jpg_0", "jpg_1")):
+            a = ax[r, c]
+            a.imshow(decode_image(row[key]))
+            a.set_xticks([]), a.set_yticks([])
+            won = order == str(c)
+            for spine in a.spines.values():
+                spine.set_color("green" if won else "lightgrey")
+                spine.set_linewidth(4 if won else 1)
+            a.set_title(f"{key}  label_{c}={row[f'label_{c}'] if f'label_{c}' in row else ''}", fontsize=7)
+        ax[r, 0].set_ylabel(row["caption"][:24], fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def batch_figure(pixel_values: torch.Tensor, captions: list[str]):
+    """A winners-then-losers batch ``(2B, 3, H, W)`` in its real order, each image tagged with its role."""
+    plt = _plt()
+    n = pixel_values.shape[0]
+    half = n // 2
+    fig, ax = plt.subplots(1, n, figsize=(1.7 * n, 2.2), squeeze=False)
+    for i in range(n):
+        img = ((pixel_values[i].permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy()
+        ax[0, i].imshow(img)
+        ax[0, i].set_xticks([]), ax[0, i].set_yticks([])
+        role = "x_w" if i < half else "x_l"
+        ax[0, i].set_title(f"row {i}: {role}\n{captions[i % half][:18]}", fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -27,15 +27,21 @@ def make_pipeline(parts: DiffusionParts, unet: torch.nn.Module | None = None):
 
 @torch.no_grad()
 def generate(pipe, captions: list[str], seeds: list[int], steps: int = 25, guidance_scale: float = 7.5,
-             resolution: int | None = None) -> np.ndarray:
-    """``(N, H, W, 3)`` uint8 images, image ``i`` from ``captions[i]`` with ``torch.Generator`` seed ``seeds[i]``."""
+             resolution: int | None = None, batch_size: int = 400) -> np.ndarray:
+    """``(N, H, W, 3)`` uint8 images, image ``i`` from ``captions[i]`` with ``torch.Generator`` seed ``seeds[i]``.
+
+    Each image has its own generator, so it depends only on its caption and seed (not on the batch).
+    """
     if len(captions) != len(seeds):
         raise ValueError(f"need one seed per caption, got {len(captions)} captions and {len(seeds)} seeds")
-    generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     size = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    out = pipe(list(captions), num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators,
-               height=size, width=size, output_type="np")
-    return (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)
+    out = []
+    for i in range(0, len(captions), batch_size):
+        generators = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds[i:i + batch_size]]
+        images = pipe(list(captions[i:i + batch_size]), num_inference_steps=steps, guidance_scale=guidance_scale,
+                      generator=generators, height=size, width=size, output_type="np").images
+        out.append((np.clip(images, 0, 1) * 255).round().astype(np.uint8))
+    return np.concatenate(out)
 
 
 def generate_with_and_without_lora(pipe, captions: list[str], seeds: list[int], **kw) -> tuple[np.ndarray, np.ndarray]:

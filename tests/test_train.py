@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dpo_tutorial.config import ConfigError, TrainConfig
+from dpo_tutorial.config import ConfigError, TrainConfig, get_preset
 from dpo_tutorial.data import PairStream, PairTransform, load_pickapic
 from dpo_tutorial.models import add_lora, load_parts
 from dpo_tutorial.train import History, dpo_step, train
@@ -116,7 +116,9 @@ def test_cli_train_runs_and_reports(sd_dir, pairs_parquet, tmp_path, capsys):
     assert rc == 0
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["beta"] == 1000.0 and saved["rank"] == 4 and saved["seed"] == 3 and saved["sample_grid"] is False
-    assert saved["random_flip"] is False  # from the toy preset: flags override, the rest comes from it
+    toy = get_preset("toy")  # flags override the preset, the rest comes from it
+    assert saved["max_train_pairs"] == toy.max_train_pairs and saved["lr_scheduler"] == toy.lr_scheduler
+    assert saved["guidance_scale"] == toy.guidance_scale and saved["sample_steps"] == toy.sample_steps
     assert "done: 2 steps" in capsys.readouterr().out
     assert (tmp_path / "pytorch_lora_weights.safetensors").exists()
     resume = ["train", "--pretrained", str(sd_dir), "--dataset", str(pairs_parquet), "--output-dir", str(tmp_path),

@@ -1,0 +1,19 @@
+"""The embedded offline toy: a "shapes world" and a tiny, deliberately flawed Stable Diffusion.
+
+- ``world``: renders 32x32 images of a coloured shape and their captions ("a red circle").
+- ``judge``: a transparent programmatic scorer that plays the human rater.
+- ``pretrain``: trains the tiny SD pipeline from scratch; it often draws the wrong colour.
+- ``pairs``: samples the base model and writes Pick-a-Pic-v2-style preference pairs.
+
+Shipped assets live in ``assets/``: ``tiny-sd-shapes/`` (a ``StableDiffusionPipeline`` folder) and
+``pickapic-shapes/`` (``train``/``validation``/``test`` parquet files).
+"""
+from pathlib import Path
+
+ASSETS_DIR = Path(__file__).parent / "assets"
+PIPELINE_DIR = ASSETS_DIR / "tiny-sd-shapes"
+PAIRS_DIR = ASSETS_DIR / "pickapic-shapes"
+
+# how the toy samples (pairs, evaluation, the sample grid): the pipeline's own DDPM ancestral sampler
+SAMPLE_STEPS = 25
+GUIDANCE_SCALE = 3.0

@@ -1,0 +1,145 @@
+"""Build a Pick-a-Pic-v2-style preference data set for the shapes world.
+
+For each pair: a caption (all 12 captions equally often), two samples of the flawed base pipeline
+for that caption with different seeds, and a label from the programmatic judge (``judge.score``):
+``label_0 = 1`` if image 0 scores higher, ``0`` if lower, ``0.5`` if the scores agree within
+``TIE_TOL`` (ties are kept, as in Pick-a-Pic). Then a fraction ``label_noise`` of the non-tie labels
+is flipped, playing the part of careless human raters.
+
+Each split is one parquet file with exactly the Pick-a-Pic v2 columns and types.
+
+Run: ``python -m dpo_tutorial.toy.pairs`` (one CPU thread, a few minutes).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dpo_tutorial.fixtures import encode_image, pickapic_arrow_schema
+from dpo_tutorial.sample import generate
+from dpo_tutorial.toy import GUIDANCE_SCALE, PAIRS_DIR, PIPELINE_DIR, SAMPLE_STEPS, judge, world
+
+DEFAULT_PIPELINE = PIPELINE_DIR
+DEFAULT_OUT = PAIRS_DIR
+MODEL_NAME = "tiny-sd-shapes"
+NUM_INFERENCE_STEPS = SAMPLE_STEPS
+TIE_TOL = 1e-3
+BASE_TIME = np.datetime64("2023-04-01T00:00:00", "ns")
+
+
+def load_pipeline(pipeline_dir: str | Path = DEFAULT_PIPELINE):
+    """Load the toy StableDiffusionPipeline in float32 on CPU (offline)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(pipeline_dir), torch_dtype=torch.float32, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def judge_labels(img0: np.ndarray, img1: np.ndarray, captions: list[str],
+                 rng: np.random.Generator, label_noise: float) -> np.ndarray:
+    """label_0 per pair: 1 / 0 / 0.5 (tie) from judge scores, then flip ``label_noise`` of non-ties."""
+    s0 = judge.score_batch(img0, captions).numpy()  # (N,)
+    s1 = judge.score_batch(img1, captions).numpy()  # (N,)
+    label = np.where(s0 > s1, 1.0, 0.0)
+    label[np.abs(s0 - s1) <= TIE_TOL] = 0.5
+    flip = (rng.random(len(label)) < label_noise) & (label != 0.5)
+    label[flip] = 1.0 - label[flip]
+    return label
+
+
+def _uid(rng: np.random.Generator) -> str:
+    """A reproducible random UUID string."""
+    return str(uuid.UUID(bytes=rng.bytes(16), version=4))
+
+
+def build_rows(img0: np.ndarray, img1: np.ndarray, captions: list[str], labels: np.ndarray,
+               rng: np.random.Generator, first_ranking_id: int) -> dict[str, list]:
+    """Column-wise Pick-a-Pic v2 rows for a split."""
+    n = len(captions)
+    uid0 = [_uid(rng) for _ in range(n)]
+    uid1 = [_uid(rng) for _ in range(n)]
+    counts = {c: captions.count(c) for c in set(captions)}
+    best = [u0 if lab == 1.0 else u1 if lab == 0.0 else "" for u0, u1, lab in
+            zip(uid0, uid1, labels)]
+    seconds = np.sort(rng.integers(0, 30 * 24 * 3600, size=n))
+    url = "https://example.invalid/pickapic-shapes/{}.jpg"
+    return {
+        "are_different": [not np.array_equal(a, b) for a, b in zip(img0, img1)],
+        "best_image_uid": best, "caption": list(captions),
+        "created_at": list(BASE_TIME + seconds.astype("timedelta64[s]")),
+        "has_label": [True] * n,
+        "image_0_uid": uid0, "image_0_url": [url.format(u) for u in uid0],
+        "image_1_uid": uid1, "image_1_url": [url.format(u) for u in uid1],
+        "jpg_0": [encode_image(im) for im in img0], "jpg_1": [encode_image(im) for im in img1],
+        "label_0": [float(x) for x in labels], "label_1": [1.0 - float(x) for x in labels],
+        "model_0": [MODEL_NAME] * n, "model_1": [MODEL_NAME] * n,
+        "ranking_id": list(range(first_ranking_id, first_ranking_id + n)),
+        "user_id": [int(u) for u in rng.integers(1, 200, size=n)],
+        "num_example_per_prompt": [counts[c] for c in captions],
+    }
+
+
+def make_pairs(pipeline_dir: str | Path = DEFAULT_PIPELINE, out_dir: str | Path = DEFAULT_OUT,
+               n_train: int = 3000, n_val: int = 300, n_test: int = 500, seed: int = 0,
+               label_noise: float = 0.1, steps: int = NUM_INFERENCE_STEPS,
+               guidance: float = GUIDANCE_SCALE) -> dict[str, dict[str, float]]:
+    """Sample, judge and write ``out_dir/{train,validation,test}.parquet``; returns split stats."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pipe = load_pipeline(pipeline_dir)
+    rng = np.random.default_rng(seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    caps_all = world.all_captions()
+    stats, ranking_id = {}, 0
+    for split, n in (("train", n_train), ("validation", n_val), ("test", n_test)):
+        start = time.time()
+        captions = [caps_all[i % len(caps_all)] for i in rng.permutation(n)]
+        seeds = rng.choice(2**31 - 1, size=2 * n, replace=False)
+        imgs = generate(pipe, captions + captions, list(seeds), steps, guidance)  # (2n, 32, 32, 3) uint8
+        img0, img1 = imgs[:n], imgs[n:]
+        labels = judge_labels(img0, img1, captions, rng, label_noise)
+        rows = build_rows(img0, img1, captions, labels, rng, ranking_id)
+        ranking_id += n
+        pq.write_table(pa.table(rows, schema=pickapic_arrow_schema()), out / f"{split}.parquet")
+        colour_ok = judge.correct_batch(imgs, captions + captions)[0].float().mean().item()
+        stats[split] = {"pairs": n, "ties": float(np.mean(labels == 0.5)),
+                        "colour_acc": colour_ok, "seconds": time.time() - start}
+        print(f"{split}: {stats[split]}", flush=True)
+    meta = {"pipeline": MODEL_NAME, "num_inference_steps": steps, "guidance_scale": guidance,
+            "label_noise": label_noise, "tie_tol": TIE_TOL, "seed": seed, "stats": stats}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    return stats
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point: ``python -m dpo_tutorial.toy.pairs``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pipeline", default=str(DEFAULT_PIPELINE))
+    parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument("--n-train", type=int, default=3000)
+    parser.add_argument("--n-val", type=int, default=300)
+    parser.add_argument("--n-test", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--label-noise", type=float, default=0.1)
+    parser.add_argument("--guidance", type=float, default=GUIDANCE_SCALE)
+    parser.add_argument("--steps", type=int, default=NUM_INFERENCE_STEPS)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    make_pairs(args.pipeline, args.out, args.n_train, args.n_val, args.n_test, args.seed,
+               args.label_noise, args.steps, args.guidance)
+
+
+if __name__ == "__main__":
+    main()

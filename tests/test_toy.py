@@ -1,0 +1,102 @@
+"""The toy world: renderer, judge, the shipped pipeline and pairs, a short toy training, evaluation."""
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from dpo_tutorial.config import get_preset
+from dpo_tutorial.toy import PAIRS_DIR, PIPELINE_DIR, judge, world
+
+pytestmark = pytest.mark.skipif(not (PIPELINE_DIR / "model_index.json").exists(), reason="toy assets not built")
+
+
+def test_renderer_draws_one_shape_in_the_caption_colour():
+    rng = np.random.default_rng(0)
+    for caption in world.all_captions():
+        img = world.render_caption(caption, rng)
+        assert img.shape == (32, 32, 3) and img.dtype == np.uint8
+        fg = np.abs(img.astype(int) - world.BACKGROUND).sum(-1) > 60
+        assert 30 < fg.sum() < 600  # one shape, neither empty nor filling the frame
+        colour = np.array(world.COLOURS[world.parse_caption(caption)[0]])
+        assert np.abs(img[fg].mean(0) - colour).max() < 40
+    assert len(world.all_captions()) == 12 and world.parse_caption("A Red circle") == ("red", "circle")
+    with pytest.raises(ValueError):
+        world.parse_caption("a purple hexagon")
+
+
+def test_judge_accuracy_on_clean_and_degraded_renders():
+    acc = judge.measure_accuracy(per_caption=20, seed=1)
+    assert acc["clean"] >= 0.99 and acc["degraded"] >= 0.95
+
+
+def test_judge_is_monotone_in_the_obvious_errors():
+    rng = np.random.default_rng(2)
+    img = world.render("red", "square", rng)
+    right = judge.score(img, "a red square")
+    assert right > judge.score(img, "a red circle") > judge.score(img, "a blue circle")
+    assert right > judge.score(img, "a green square")
+    blank = np.full_like(img, world.BACKGROUND)
+    assert judge.score(blank, "a red square") < 0.05 and not judge.is_correct(blank, "a red square")
+    scores = judge.score_batch(np.stack([world.render("red", "square", rng) for _ in range(50)]),
+                               ["a red square"] * 50)
+    assert len(set(np.round(scores.numpy(), 6))) > 45  # continuous: exact ties are rare
+
+
+def test_shipped_pipeline_loads_offline_and_generates():
+    from diffusers import StableDiffusionPipeline
+
+    from dpo_tutorial.toy.pairs import GUIDANCE_SCALE, NUM_INFERENCE_STEPS
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(PIPELINE_DIR), torch_dtype=torch.float32, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    caps = world.all_captions()
+    out = pipe(caps, num_inference_steps=NUM_INFERENCE_STEPS, guidance_scale=GUIDANCE_SCALE, output_type="np",
+               generator=[torch.Generator().manual_seed(i) for i in range(len(caps))]).images
+    images = (out * 255).round().astype(np.uint8)
+    assert images.shape == (12, 32, 32, 3)
+    shapes_right = np.mean([p[1] == world.parse_caption(c)[1] for p, c in zip(judge.predict(images), caps)])
+    assert shapes_right >= 0.5  # it draws the shapes it is asked for (colours are its flaw)
+
+
+def test_assets_are_small():
+    total = sum(f.stat().st_size for f in PIPELINE_DIR.parent.rglob("*") if f.is_file())
+    assert total < 15e6
+
+
+@pytest.mark.parametrize("split", ["train", "validation", "test"])
+def test_shipped_pairs_pass_the_core_loader_with_their_tie_count(split):
+    from dpo_tutorial.data import PairStream, PairTransform, load_pickapic
+    from dpo_tutorial.fixtures import pickapic_arrow_schema
+
+    path = PAIRS_DIR / f"{split}.parquet"
+    assert pq.read_schema(path).equals(pickapic_arrow_schema(), check_metadata=False)
+    labels = pq.read_table(path, columns=["label_0"]).column("label_0").to_pylist()
+    stream = PairStream(load_pickapic(str(PAIRS_DIR), split), PairTransform(32, random_flip=False), 8)
+    assert stream.ties == sum(x == 0.5 for x in labels) and len(stream) == len(labels) - stream.ties
+    assert stream.ties < 0.1 * len(labels)
+
+
+def test_short_toy_training_beats_chance_on_heldout_pairs(tmp_path):
+    from dpo_tutorial.data import load_pickapic
+    from dpo_tutorial.evaluate import implicit_reward_accuracy, load_with_lora
+    from dpo_tutorial.train import train
+
+    cfg = get_preset("toy", max_steps=60, output_dir=str(tmp_path), sample_grid=False, checkpoint_every=0)
+    train(cfg)
+    _, parts = load_with_lora(cfg.pretrained, tmp_path)
+    acc = implicit_reward_accuracy(parts, parts.unet, load_pickapic(cfg.dataset, "test"), 32, num_draws=4)
+    assert acc > 0.55
+
+
+def test_evaluate_toy_small_sample(tmp_path, capsys):
+    import json
+
+    from dpo_tutorial.cli import main
+    from dpo_tutorial.train import train
+
+    train(get_preset("toy", max_steps=5, output_dir=str(tmp_path), sample_grid=False, checkpoint_every=0))
+    assert main(["evaluate", "--lora", str(tmp_path), "--per-caption", "2", "--num-draws", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result) >= {"base_accuracy", "dpo_accuracy", "win_rate", "win_rate_ci_low", "win_rate_ci_high",
+                           "implicit_acc", "n"}
+    assert result["n"] == 24 and 0 <= result["win_rate_ci_low"] <= result["win_rate"] <= result["win_rate_ci_high"] <= 1
