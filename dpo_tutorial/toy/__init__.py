@@ -16,4 +16,4 @@ PAIRS_DIR = ASSETS_DIR / "pickapic-shapes"
 
 # how the toy samples (pairs, evaluation, the sample grid): the pipeline's own DDPM ancestral sampler
 SAMPLE_STEPS = 25
-GUIDANCE_SCALE = 3.0
+GUIDANCE_SCALE = 1.0  # no classifier-free guidance: it would amplify the colour the caption names

@@ -89,7 +89,7 @@ def build_rows(img0: np.ndarray, img1: np.ndarray, captions: list[str], labels: 
 
 
 def make_pairs(pipeline_dir: str | Path = DEFAULT_PIPELINE, out_dir: str | Path = DEFAULT_OUT,
-               n_train: int = 3000, n_val: int = 300, n_test: int = 500, seed: int = 0,
+               n_train: int = 2500, n_val: int = 300, n_test: int = 500, seed: int = 0,
                label_noise: float = 0.1, steps: int = NUM_INFERENCE_STEPS,
                guidance: float = GUIDANCE_SCALE) -> dict[str, dict[str, float]]:
     """Sample, judge and write ``out_dir/{train,validation,test}.parquet``; returns split stats."""
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pipeline", default=str(DEFAULT_PIPELINE))
     parser.add_argument("--out", default=str(DEFAULT_OUT))
-    parser.add_argument("--n-train", type=int, default=3000)
+    parser.add_argument("--n-train", type=int, default=2500)
     parser.add_argument("--n-val", type=int, default=300)
     parser.add_argument("--n-test", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)

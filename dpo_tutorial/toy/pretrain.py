@@ -198,7 +198,7 @@ def count_params(module) -> int:
 def pretrain(out_dir: str | Path = DEFAULT_OUT, seed: int = 0, n_images: int = 24000,
              vae_steps: int = 800, vae_batch: int = 32, unet_steps: int = 5000,
              unet_batch: int = 64, wrong_colour: float = 0.4, p_empty: float = 0.1,
-             clean_steps: int = 0) -> Path:
+             clean_steps: int = 2500) -> Path:
     """Train the flawed tiny SD from scratch and save it (fp16 safetensors) to ``out_dir``.
 
     ``wrong_colour`` is the fraction of training captions that name a wrong colour (the flaw).
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unet-steps", type=int, default=5000)
     parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--wrong-colour", type=float, default=0.4)
-    parser.add_argument("--clean-steps", type=int, default=0)
+    parser.add_argument("--clean-steps", type=int, default=2500)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
