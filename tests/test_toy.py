@@ -37,9 +37,13 @@ def test_judge_is_monotone_in_the_obvious_errors():
     assert right > judge.score(img, "a green square")
     blank = np.full_like(img, world.BACKGROUND)
     assert judge.score(blank, "a red square") < 0.05 and not judge.is_correct(blank, "a red square")
-    scores = judge.score_batch(np.stack([world.render("red", "square", rng) for _ in range(50)]),
-                               ["a red square"] * 50)
-    assert len(set(np.round(scores.numpy(), 6))) > 45  # continuous: exact ties are rare
+    from dpo_tutorial.toy.pairs import TIE_TOL
+
+    renders = np.stack([world.render("red", "square", rng) for _ in range(60)])
+    distinct = np.unique(renders.reshape(60, -1), axis=0).reshape(-1, 32, 32, 3)
+    scores = judge.score_batch(distinct, ["a red square"] * len(distinct)).numpy()
+    gaps = np.abs(scores[:, None] - scores[None, :])[np.triu_indices(len(scores), 1)]
+    assert (gaps <= TIE_TOL).mean() < 0.1  # continuous: even equally right images rarely tie
 
 
 def test_shipped_pipeline_loads_offline_and_generates():
