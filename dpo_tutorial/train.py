@@ -99,7 +99,8 @@ def dpo_step(parts: DiffusionParts, unet, batch: dict, beta: float, loss_type: s
     latents, prompt_embeds, pooled, time_ids = _encode_batch(parts, batch, generator, resolution)
     latents = latents.to(next(p for p in base.parameters()).dtype)  # (2B, C, h, w)
     num_pairs = latents.shape[0] // 2
-    prompt_embeds = prompt_embeds.repeat(2, 1, 1).to(latents.device, latents.dtype)  # (2B, L, D): pair i shares caption i
+    # (2B, L, D): rows i and i + B share caption i
+    prompt_embeds = prompt_embeds.repeat(2, 1, 1).to(latents.device, latents.dtype)
     added_cond = None
     if parts.is_sdxl:
         added_cond = {"text_embeds": pooled.repeat(2, 1).to(latents.device, latents.dtype),  # (2B, P)
