@@ -8,14 +8,8 @@ The package owns every function the notebooks use::
 from .config import ConfigError, TrainConfig, get_preset
 from .loss import DPOLossOutput, diffusion_dpo_loss
 from .noise import shared_noise, shared_timesteps
+from .train import History, train  # noqa: E402  (heavy libraries are imported inside the functions)
 
-__all__ = ["ConfigError", "DPOLossOutput", "TrainConfig", "diffusion_dpo_loss", "get_preset", "shared_noise",
-           "shared_timesteps", "train"]
+__all__ = ["ConfigError", "DPOLossOutput", "History", "TrainConfig", "diffusion_dpo_loss", "get_preset",
+           "shared_noise", "shared_timesteps", "train"]
 __version__ = "0.1.0"
-
-
-def train(config):
-    """Run Diffusion-DPO training (see :func:`dpo_tutorial.train.train`); imported lazily to keep import fast."""
-    from .train import train as _train
-
-    return _train(config)

@@ -107,8 +107,8 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(sd_dir, pairs_parque
     assert [r["step"] for r in resumed.records] == list(range(1, step + 3))  # logs survive the kills
 
 
-def test_nan_from_fp16_style_overflow_is_skipped_and_counted(sd_dir, pairs_parquet, tmp_path):
-    """A huge beta overflows nothing in fp32, but lr=1e30 does: updates are skipped, then the run stops."""
+def test_non_finite_updates_are_skipped_counted_then_stop(sd_dir, pairs_parquet, tmp_path):
+    """lr=1e30 makes the weights overflow: updates are skipped and logged, K=3 in a row stop the run."""
     with pytest.raises(FloatingPointError, match="3 optimizer steps in a row.*learning rate"):
         train(base_config(sd_dir, pairs_parquet, tmp_path, max_steps=30, lr=1e30, max_grad_norm=0,
                           max_nonfinite_steps=3))
