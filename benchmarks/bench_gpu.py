@@ -67,7 +67,7 @@ def build(arch: str, tiny: bool, device):
     return unet, params, vae, text
 
 
-def make_step(kind: str, arch: str, unet, vae, text, pairs: int, device, tiny: bool):
+def make_step(kind: str, unet, vae, text, pairs: int, device):
     """A closure running one optimizer step of variant ``kind``; returns (step_fn, optimizer)."""
     latent = unet.config.sample_size
     pixels = latent * 2 ** (len(vae.config.block_out_channels) - 1)
@@ -162,7 +162,7 @@ def main() -> None:
         for kind in args.variants:
             if "compile" in kind:
                 unet = torch.compile(unet)
-            step = make_step(kind, arch, unet, vae, text, pairs, device, args.tiny)
+            step = make_step(kind, unet, vae, text, pairs, device)
             flops = unet_flops(step)
             seconds, mem = measure(step, device, args.iters, args.warmup)
             base = base or seconds

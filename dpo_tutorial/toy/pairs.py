@@ -13,7 +13,6 @@ Run: ``python -m dpo_tutorial.toy.pairs`` (one CPU thread, a few minutes).
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import time
 import uuid
