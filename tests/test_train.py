@@ -119,3 +119,16 @@ def test_cli_train_runs_and_reports(sd_dir, pairs_parquet, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cannot resume" in err and "rank: checkpoint 4 vs now 8" in err
     assert main(resume + ["--rank", "4"]) == 0 and History.load(tmp_path).records[-1]["step"] == 3
+
+
+def test_full_finetune_with_frozen_reference_and_gradient_checkpointing(sd_dir, pairs_parquet, tmp_path):
+    """The paper's setting: the whole UNet trains against a frozen copy; the export is a UNet folder."""
+    from diffusers import UNet2DConditionModel
+
+    history = train(config(sd_dir, pairs_parquet, tmp_path, max_steps=3, full_finetune=True, lr=1e-3,
+                           gradient_checkpointing=True, sample_grid=False, lr_scheduler="cosine", lr_warmup_steps=1))
+    assert history["loss"][0] == pytest.approx(math.log(2), abs=1e-6)  # the copy starts equal to the policy
+    assert len(set(history["loss"])) > 1 and history["lr"][0] > history["lr"][-1]  # it moved; cosine decays
+    tuned = UNet2DConditionModel.from_pretrained(str(tmp_path / "unet"))
+    base = UNet2DConditionModel.from_pretrained(str(sd_dir / "unet"))
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.parameters(), base.parameters()))
