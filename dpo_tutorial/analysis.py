@@ -5,14 +5,15 @@ import numpy as np
 import torch
 
 from .loss import per_sample_mse, split_pairs
-from .models import DiffusionParts, encode_images, encode_prompts, reference_mode
+from .models import DiffusionParts, reference_mode
 from .noise import shared_noise, shared_timesteps
 
 
 @torch.no_grad()
 def _inputs(parts: DiffusionParts, batch: dict, generator):
-    latents = encode_images(parts.vae, batch["pixel_values"], generator)  # (2B, C, h, w)
-    embeds, _ = encode_prompts(parts, batch["captions"])  # (B, L, D)
+    from .train import _encode_batch
+
+    latents, embeds, _, _ = _encode_batch(parts, batch, generator, None)  # (2B, C, h, w), (B, L, D)
     return latents, embeds.repeat(2, 1, 1)  # (2B, L, D)
 
 

@@ -246,6 +246,7 @@ class PairStream:
     def __post_init__(self):
         self.streaming = not hasattr(self.dataset, "__len__")
         self.first_captions: list[str] = []  # captions of the first batch (for the sample grid)
+        self.ties = self.invalid_labels = 0  # counted up front for map-style data, in `skipped` when streamed
         self._indices = None if self.streaming else self._valid_indices()
 
     def _valid_indices(self) -> list[int]:

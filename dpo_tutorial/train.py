@@ -432,8 +432,8 @@ def train(config: TrainConfig) -> History:
 
 def _data_summary(stream: PairStream) -> dict:
     """Ties, invalid labels and undecodable images skipped; one warning when anything was unusable."""
-    summary = {"ties_dropped": getattr(stream, "ties", 0) + stream.skipped.get("tie", 0),
-               "invalid_labels": getattr(stream, "invalid_labels", 0) + stream.skipped.get("invalid", 0),
+    summary = {"ties_dropped": stream.ties + stream.skipped.get("tie", 0),
+               "invalid_labels": stream.invalid_labels + stream.skipped.get("invalid", 0),
                "undecodable_skipped": stream.skipped.get("undecodable", 0)}
     if summary["undecodable_skipped"] or summary["invalid_labels"]:
         warnings.warn(f"skipped {summary['undecodable_skipped']} pair(s) whose images did not decode and "
