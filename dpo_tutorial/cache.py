@@ -47,15 +47,11 @@ def _encode_rows(parts, rows: list[dict], transform: PairTransform, flips: int):
         ok.append(imgs is not None)
         size = transform.resolution
         for img in imgs or [None, None]:
-            if img is None:
-                x, hw, crop = torch.zeros(3, size, size), (size, size), (0, 0)
-            else:
-                x, hw, crop = transform._one(img, 0.5, 0.5, False)
-            views = [x, x.flip(-1)][:flips]  # flipping the crop = the flipped crop
-            new_w = max(size, round(hw[1] * size / min(hw)))
-            crops = [crop, (crop[0], new_w - crop[1] - size)][:flips]
-            pixels += views
-            time_ids += [[*hw, *c, size, size] for c in crops]
+            for flip in (False, True)[:flips]:  # the very transform training applies, per orientation
+                x, hw, crop = (transform._one(img, 0.5, 0.5, flip) if img is not None
+                               else (torch.zeros(3, size, size), (size, size), (0, 0)))
+                pixels.append(x)
+                time_ids.append([*hw, *crop, size, size])
     batch = torch.stack(pixels).to(parts.vae.device, parts.vae.dtype)  # (n * 2 * flips, 3, H, W)
     with torch.no_grad():
         dist = parts.vae.encode(batch).latent_dist

@@ -112,14 +112,13 @@ def compare_samples(pipe, captions: list[str], seeds: list[int], judge_score, ju
 
 def load_with_lora(pretrained: str, lora_dir: str | Path):
     """(pipeline with the LoRA loaded, its DiffusionParts) for evaluation."""
-    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    from diffusers import DDPMScheduler
 
     from .models import DiffusionParts
+    from .sample import load_pipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(pretrained, safety_checker=None, requires_safety_checker=False,
-                                                   torch_dtype=torch.float32)
+    pipe = load_pipeline(pretrained)
     pipe.load_lora_weights(str(lora_dir))
-    pipe.set_progress_bar_config(disable=True)
     train_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     parts = DiffusionParts([pipe.tokenizer], [pipe.text_encoder], pipe.vae, pipe.unet, train_scheduler, False)
     return pipe, parts

@@ -1,6 +1,8 @@
 """Images with and without the DPO LoRA, for the same captions and seeds."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from PIL import Image
@@ -21,6 +23,16 @@ def make_pipeline(parts: DiffusionParts, unet: torch.nn.Module | None = None):
         pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoders[0],
                                        tokenizer=parts.tokenizers[0], unet=unet, scheduler=parts.noise_scheduler,
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_pipeline(pretrained: str | Path):
+    """A ``StableDiffusionPipeline`` in float32 (the toy ships fp16 weights), no safety checker, no progress bar."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(pretrained), torch_dtype=torch.float32, safety_checker=None,
+                                                   requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from dpo_tutorial.fixtures import encode_image, pickapic_arrow_schema
-from dpo_tutorial.sample import generate
+from dpo_tutorial.sample import generate, load_pipeline
 from dpo_tutorial.toy import GUIDANCE_SCALE, PAIRS_DIR, PIPELINE_DIR, SAMPLE_STEPS, judge, world
 
 DEFAULT_PIPELINE = PIPELINE_DIR
@@ -31,16 +31,6 @@ MODEL_NAME = "tiny-sd-shapes"
 NUM_INFERENCE_STEPS = SAMPLE_STEPS
 TIE_TOL = 1e-3
 BASE_TIME = np.datetime64("2023-04-01T00:00:00", "ns")
-
-
-def load_pipeline(pipeline_dir: str | Path = DEFAULT_PIPELINE):
-    """Load the toy StableDiffusionPipeline in float32 on CPU (offline)."""
-    from diffusers import StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(pipeline_dir), torch_dtype=torch.float32, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def judge_labels(img0: np.ndarray, img1: np.ndarray, captions: list[str],
