@@ -1,10 +1,14 @@
 """Pairs/s and peak memory of one Diffusion-DPO step: the public recipe's work vs this project's cached step.
 
 (a) baseline: what the diffusers Diffusion-DPO script does at *every* step, written here from its
-    description: decode both JPEGs of each pair, resize/crop/flip, VAE-encode the 2B images, text-encode
-    the captions, then the policy pass (LoRA on) and the reference pass (LoRA off), loss, backward, step.
+    description: decode both JPEGs of each pair, resize/crop/flip, VAE-encode the 2B images (in chunks of
+    8, its default), text-encode the captions, then the policy pass (LoRA on) and the reference pass (LoRA
+    off), loss, backward, clip, AdamW step (torch's default per-tensor loop).
 (b) project: the same step from the latent cache (``dpo-tutorial cache``): sample latents from the cached
-    posterior, look up the caption embeddings, the two UNet passes, loss, backward, step.
+    posterior, look up the caption embeddings, the two UNet passes, loss, backward, clip, the package's
+    fused AdamW.
+(c) project+compile (unless ``--no-compile``): (b) with ``compile_unet`` on (``torch.compile``; on CPU it
+    needs a C++ compiler). Its compile time is reported apart, as the warm-up.
 
 Both run on the same pipeline, data, batch size, resolution and seeds, each in a fresh process (so the
 peak memory of one does not hide the other's); the script prints both and their ratio, and compares every
@@ -28,6 +32,10 @@ from pathlib import Path
 import torch
 
 
+VARIANTS = ("baseline", "project", "project+compile")
+VAE_ENCODE_BATCH_SIZE = 8  # the diffusers script's default
+
+
 def _config(args):
     from dpo_tutorial.config import get_preset
 
@@ -43,8 +51,10 @@ def recipe_step(parts, unet, batch, beta, generator):
     from dpo_tutorial.models import tokenize
 
     pixels = batch["pixel_values"]  # decoded + resized by the stream, as the recipe's dataloader does
-    with torch.no_grad():
-        latents = parts.vae.encode(pixels).latent_dist.sample(generator) * parts.vae.config.scaling_factor
+    with torch.no_grad():  # the recipe encodes in chunks of --vae_encode_batch_size (default 8)
+        latents = torch.cat([parts.vae.encode(pixels[i:i + VAE_ENCODE_BATCH_SIZE]).latent_dist.sample(generator)
+                             for i in range(0, len(pixels), VAE_ENCODE_BATCH_SIZE)])
+        latents = latents * parts.vae.config.scaling_factor
         ids = tokenize(parts.tokenizers[0], batch["captions"])
         embeds = parts.text_encoders[0](ids)[0].repeat(2, 1, 1)
     noise = torch.randn(latents.shape[0] // 2, *latents.shape[1:], generator=generator).repeat(2, 1, 1, 1)
@@ -62,37 +72,56 @@ def recipe_step(parts, unet, batch, beta, generator):
     return -F.logsigmoid(-0.5 * beta * ((model_w - model_l) - (ref_w - ref_l))).mean()
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory. ``ru_maxrss`` would also count the parent's memory at fork time
+    (Linux carries it across exec), so read the address space's own high-water mark where there is one."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run_variant(args) -> dict:
     """One variant in this process: warm-up, then timed steps. Returns pairs/s, peak RSS, first loss."""
     from dpo_tutorial.data import PairStream, PairTransform, load_pickapic
     from dpo_tutorial.models import add_lora, load_parts
-    from dpo_tutorial.train import _stream, dpo_step
+    from dpo_tutorial.train import _optimizer, _speed_options, _stream, dpo_step
 
     torch.set_num_threads(args.threads)
-    config = _config(args).replace(cache=args.cache if args.variant == "project" else None)
+    project = args.variant.startswith("project")
+    config = _config(args).replace(cache=args.cache if project else None, lr=1e-4,
+                                   compile_unet=args.variant == "project+compile")
     parts = load_parts(config.pretrained)
     params = add_lora(parts.unet, rank=8, init_seed=0)
-    opt = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator().manual_seed(0)
-    if args.variant == "project":
+    if project:
+        _speed_options(config, [parts.unet])
+        opt = _optimizer(params, config)  # the package's optimizer (fused AdamW)
         stream = iter(_stream(config, 0, 1))
         step = lambda b: dpo_step(parts, parts.unet, b, config.beta, generator=g).loss  # noqa: E731
     else:
+        opt = torch.optim.AdamW(params, lr=config.lr)  # the recipe's optimizer
         ds = load_pickapic(config.dataset, config.split)
         stream = iter(PairStream(ds, PairTransform(config.resolution, False, True), config.batch_size, seed=0))
         step = lambda b: recipe_step(parts, parts.unet, b, config.beta, g)  # noqa: E731
-    losses, t0 = [], None
+    losses, start = [], time.perf_counter()
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             t0 = time.perf_counter()
+            warmup_s = t0 - start
         loss = step(next(stream))
         opt.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)  # both clip, as the recipe does
         opt.step()
         losses.append(loss.item())
     seconds = time.perf_counter() - t0
     return {"variant": args.variant, "pairs_per_s": args.steps * config.batch_size / seconds,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "losses": losses}
+            "warmup_s": warmup_s,
+            "peak_rss_mb": _peak_rss_mb(), "losses": losses}
 
 
 def main() -> None:
@@ -100,10 +129,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained"), p.add_argument("--dataset"), p.add_argument("--resolution", type=int)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", 0)) or os.cpu_count())
-    p.add_argument("--variant", choices=["baseline", "project"], help=argparse.SUPPRESS)
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="skip the torch.compile variant (it compiles for ~2 min on 2 CPU cores when not cached)")
+    p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.variant:
@@ -116,7 +147,7 @@ def main() -> None:
         build_cache(_config(args), Path(tmp) / "cache")
         cache_s = time.perf_counter() - t0
         results = {}
-        for variant in ("baseline", "project"):
+        for variant in VARIANTS if args.compile else VARIANTS[:2]:
             cmd = [sys.executable, __file__, "--variant", variant, "--cache", str(Path(tmp) / "cache"),
                    *sys.argv[1:]]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
@@ -124,13 +155,15 @@ def main() -> None:
     cfg = _config(args)
     print(f"pipeline {cfg.pretrained}\nbatch {cfg.batch_size} pairs, {cfg.resolution} px, {args.threads} threads, "
           f"{args.steps} timed steps after {args.warmup} warm-up; cache built once in {cache_s:.1f} s")
-    print(f"{'variant':10s} {'pairs/s':>9s} {'peak RSS MB':>12s} {'mean loss':>10s}")
+    base = results["baseline"]
+    print(f"{'variant':16s} {'pairs/s':>9s} {'vs baseline':>12s} {'warm-up s':>10s} {'peak RSS MB':>12s} "
+          f"{'max |dloss|':>12s}")
     for r in results.values():
-        mean_loss = sum(r["losses"]) / len(r["losses"])
-        print(f"{r['variant']:10s} {r['pairs_per_s']:9.2f} {r['peak_rss_mb']:12.0f} {mean_loss:10.6f}")
-    diff = max(abs(a - b) for a, b in zip(results["baseline"]["losses"], results["project"]["losses"]))
-    print(f"max |loss difference| over {len(results['project']['losses'])} steps: {diff:.2e}")
-    print(f"speed-up project / baseline: {results['project']['pairs_per_s'] / results['baseline']['pairs_per_s']:.2f}x")
+        diff = max(abs(a - b) for a, b in zip(base["losses"], r["losses"]))
+        print(f"{r['variant']:16s} {r['pairs_per_s']:9.2f} {r['pairs_per_s'] / base['pairs_per_s']:11.2f}x "
+              f"{r['warmup_s']:10.1f} {r['peak_rss_mb']:12.0f} {diff:12.2e}")
+    print(f"(warm-up = the {args.warmup} untimed steps, including any compilation; "
+          f"max |dloss| over all {len(base['losses'])} steps against the baseline's)")
 
 
 if __name__ == "__main__":

@@ -25,15 +25,17 @@ def model_diff_draws(parts: DiffusionParts, unet, batch: dict, num_draws: int, s
     ``shared=True``: winner and loser get the same noise and timestep (the recipe); ``False``: each
     image draws its own, as a naive implementation would. The latents are encoded once.
     """
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(parts.vae.device).manual_seed(seed)
     latents, embeds = _inputs(parts, batch, g)
     num_pairs, steps = latents.shape[0] // 2, parts.noise_scheduler.config.num_train_timesteps
+    dev = latents.device
     out = []
     for _ in range(num_draws):
         if shared:
-            noise, t = shared_noise(latents, g), shared_timesteps(num_pairs, steps, generator=g)
+            noise, t = shared_noise(latents, g), shared_timesteps(num_pairs, steps, dev, generator=g)
         else:
-            noise, t = torch.randn(latents.shape, generator=g), torch.randint(0, steps, (2 * num_pairs,), generator=g)
+            noise = torch.randn(latents.shape, generator=g, device=dev, dtype=latents.dtype)
+            t = torch.randint(0, steps, (2 * num_pairs,), generator=g, device=dev)
         pred = unet(parts.noise_scheduler.add_noise(latents, noise, t), t, embeds).sample
         mse_w, mse_l = split_pairs(per_sample_mse(pred, noise))
         out.append(mse_w - mse_l)
@@ -46,12 +48,12 @@ def pair_errors(parts: DiffusionParts, unet, batch: dict, num_draws: int = 8, se
 
     The same shared noise/timestep draws are used for both, so the numbers are directly comparable.
     """
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(parts.vae.device).manual_seed(seed)
     latents, embeds = _inputs(parts, batch, g)
     num_pairs, steps = latents.shape[0] // 2, parts.noise_scheduler.config.num_train_timesteps
     sums = {k: 0.0 for k in ("policy_w", "policy_l", "ref_w", "ref_l")}
     for _ in range(num_draws):
-        noise, t = shared_noise(latents, g), shared_timesteps(num_pairs, steps, generator=g)
+        noise, t = shared_noise(latents, g), shared_timesteps(num_pairs, steps, latents.device, generator=g)
         noisy = parts.noise_scheduler.add_noise(latents, noise, t)
         w, l = split_pairs(per_sample_mse(unet(noisy, t, embeds).sample, noise))
         with reference_mode(unet):
@@ -67,7 +69,11 @@ def project_2d(origin: np.ndarray, *points: np.ndarray) -> list[np.ndarray]:
     The first point lands on the x-axis at its true distance from ``origin``; the second keeps its
     true distance and angle. Other points are projected orthogonally onto that plane (distances shrink).
     """
-    vecs = [np.asarray(p, float).ravel() - np.asarray(origin, float).ravel() for p in points]
+    def flat(x) -> np.ndarray:  # tensors may sit on a GPU
+        x = x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else x
+        return np.asarray(x, float).ravel()
+
+    vecs = [flat(p) - flat(origin) for p in points]
     e1 = vecs[0] / np.linalg.norm(vecs[0])
     rest = vecs[1] - (vecs[1] @ e1) * e1
     e2 = rest / (np.linalg.norm(rest) or 1.0)

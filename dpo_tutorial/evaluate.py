@@ -10,8 +10,9 @@
   averaging the reward over several shared (noise, timestep) draws per pair.
 
 The judge is any pair of functions over ``(N, H, W, 3)`` uint8 images and ``N`` captions: ``score`` →
-``(N,)`` floats (higher = better) and ``correct`` → ``(N,)`` bools. The toy world's judge is one;
-PickScore (a learned human-preference model) plays the same role for SD 1.5.
+``(N,)`` floats (higher = better) and, optionally, ``correct`` → ``(N,)`` bools. The toy world's judge
+has both; PickScore (:class:`dpo_tutorial.pickscore.PickScore`, a learned human-preference model) plays
+the scoring role for SD 1.5 and has no ``correct`` (accuracy is then NaN).
 """
 from __future__ import annotations
 
@@ -62,18 +63,22 @@ def win_rate(base_scores, dpo_scores, tie_tol: float = 1e-6) -> tuple[float, flo
 
 @torch.no_grad()
 def implicit_reward_accuracy(parts, unet, dataset, resolution: int, beta: float = 5000.0, num_draws: int = 8,
-                             batch_size: int = 64, seed: int = 0) -> float:
+                             batch_size: int = 64, seed: int = 0, max_pairs: int | None = None) -> float:
     """Share of non-tie pairs whose implicit reward, averaged over ``num_draws`` noise/timestep draws, prefers the winner.
 
-    ``unet`` carries the LoRA; the reference is the same UNet with the adapter off. Pairs that do not
-    decode are skipped; ties are not scored (they have no winner).
+    ``unet`` carries the LoRA; the reference is the same UNet with the adapter off. ``dataset`` may be a
+    stream; the first ``max_pairs`` non-tie pairs are scored (all when None). Pairs that do not decode
+    are skipped; ties are not scored (they have no winner).
     """
     from .train import dpo_step
 
     transform = PairTransform(resolution, random_crop=False, random_flip=False)
-    rows = [dataset[i] for i, label in enumerate(dataset["label_0"]) if pair_order(label) in ("0", "1")]
     examples = []
-    for row in rows:
+    for row in dataset:
+        if max_pairs is not None and len(examples) >= max_pairs:
+            break
+        if pair_order(row["label_0"]) not in ("0", "1"):
+            continue
         try:
             examples.append(make_example(row, transform, random.Random(0)))
         except ValueError:
@@ -106,18 +111,19 @@ def compare_samples(pipe, captions: list[str], seeds: list[int], judge_score, ju
     return {"base_images": base, "dpo_images": dpo,
             "base_scores": np.asarray(judge_score(base, captions), float),
             "dpo_scores": np.asarray(judge_score(dpo, captions), float),
-            "base_correct": np.asarray(judge_correct(base, captions), bool),
-            "dpo_correct": np.asarray(judge_correct(dpo, captions), bool)}
+            # a learned scorer such as PickScore has no notion of "correct": accuracy is then NaN
+            "base_correct": np.asarray(judge_correct(base, captions) if judge_correct else [np.nan], float),
+            "dpo_correct": np.asarray(judge_correct(dpo, captions) if judge_correct else [np.nan], float)}
 
 
-def load_with_lora(pretrained: str, lora_dir: str | Path):
-    """(pipeline with the LoRA loaded, its DiffusionParts) for evaluation."""
+def load_with_lora(pretrained: str, lora_dir: str | Path, device: str | torch.device | None = None):
+    """(pipeline with the LoRA loaded, its DiffusionParts) for evaluation, on ``device`` (default CPU)."""
     from diffusers import DDPMScheduler
 
     from .models import DiffusionParts
     from .sample import load_pipeline
 
-    pipe = load_pipeline(pretrained)
+    pipe = load_pipeline(pretrained, device)
     pipe.load_lora_weights(str(lora_dir))
     train_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     parts = DiffusionParts([pipe.tokenizer], [pipe.text_encoder], pipe.vae, pipe.unet, train_scheduler, False)
@@ -125,16 +131,25 @@ def load_with_lora(pretrained: str, lora_dir: str | Path):
 
 
 def evaluate(pretrained: str, lora_dir: str | Path, captions: list[str], seeds: list[int], judge_score,
-             judge_correct, test_data: str | None = None, test_split: str = "test", resolution: int = 32,
-             beta: float = 5000.0, steps: int = 25, guidance_scale: float = 7.5, num_draws: int = 8) -> tuple[EvalResult, dict]:
-    """Everything :class:`EvalResult` reports, plus the raw samples and scores (for plots)."""
-    pipe, parts = load_with_lora(pretrained, lora_dir)
-    samples = compare_samples(pipe, captions, seeds, judge_score, judge_correct, steps, guidance_scale)
+             judge_correct=None, test_data: str | None = None, test_split: str = "test", resolution: int = 32,
+             beta: float = 5000.0, steps: int = 25, guidance_scale: float = 7.5, num_draws: int = 8,
+             device: str | torch.device | None = None, streaming: bool = False,
+             max_test_pairs: int | None = None, batch_size: int = 240) -> tuple[EvalResult, dict]:
+    """Everything :class:`EvalResult` reports, plus the raw samples and scores (for plots).
+
+    ``test_data`` (optional, with ``test_split``, ``streaming`` and ``max_test_pairs``): held-out pairs for
+    the implicit-reward accuracy, loaded with :func:`dpo_tutorial.data.load_pickapic`. ``batch_size``
+    captions are sampled at once (keep it small for 512-px models on a GPU).
+    """
+    pipe, parts = load_with_lora(pretrained, lora_dir, device)
+    samples = compare_samples(pipe, captions, seeds, judge_score, judge_correct, steps, guidance_scale,
+                              batch_size)
     rate, low, high = win_rate(samples["base_scores"], samples["dpo_scores"])
     implicit = float("nan")
     if test_data:
-        implicit = implicit_reward_accuracy(parts, pipe.unet, load_pickapic(test_data, test_split), resolution,
-                                            beta=beta, num_draws=num_draws)
+        pairs = load_pickapic(test_data, test_split, streaming=streaming)
+        implicit = implicit_reward_accuracy(parts, pipe.unet, pairs, resolution, beta=beta, num_draws=num_draws,
+                                            max_pairs=max_test_pairs)
     result = EvalResult(base_accuracy=float(samples["base_correct"].mean()),
                         dpo_accuracy=float(samples["dpo_correct"].mean()), win_rate=rate, win_rate_ci_low=low,
                         win_rate_ci_high=high, implicit_acc=implicit, n=len(captions),

@@ -3,6 +3,8 @@
 - :func:`build_tiny_pipeline`: an SD-shaped (or SDXL-shaped) diffusers pipeline folder that
   ``StableDiffusionPipeline.from_pretrained`` / ``StableDiffusionXLPipeline.from_pretrained`` load.
 - :func:`write_pickapic_parquet`: a parquet file in the exact Pick-a-Pic v2 schema.
+- :func:`build_tiny_pickscore`: a PickScore-format folder (``CLIPModel`` weights + CLIP processor files)
+  that :class:`dpo_tutorial.pickscore.PickScore` loads in place of the hub's 4 GB model.
 """
 from __future__ import annotations
 
@@ -83,6 +85,31 @@ def build_tiny_pipeline(out_dir: str | Path, sdxl: bool = False, prediction_type
         pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=enc, text_encoder_2=enc2, tokenizer=tok,
                                          tokenizer_2=tok2, unet=unet, scheduler=scheduler)
     pipe.save_pretrained(str(out))
+    return out
+
+
+def build_tiny_pickscore(out_dir: str | Path, image_size: int = 32, seed: int = 0) -> Path:
+    """Write a tiny random-weight PickScore stand-in to ``out_dir``; return its path.
+
+    The same classes and files as ``yuvalkirstain/PickScore_v1`` (a ``CLIPModel``) plus
+    ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``'s processor (CLIP tokenizer + ``CLIPImageProcessor``:
+    resize, centre crop, CLIP mean/std), in one folder, shrunk to ``image_size`` px and 2 layers.
+    """
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    out = Path(out_dir)
+    tok = build_clip_tokenizer(WORDS, out, model_max_length=77)
+    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = dict(image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2)
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16))
+    images = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size,
+                                                                              "width": image_size})
+    CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(str(out))
+    model.save_pretrained(str(out))
     return out
 
 

@@ -32,6 +32,12 @@ class DiffusionParts:
     noise_scheduler: object
     is_sdxl: bool
 
+    def to(self, device: str | torch.device) -> "DiffusionParts":
+        """Move the VAE, text encoders and UNet to ``device`` (in place); return self."""
+        for module in (self.vae, self.unet, *self.text_encoders):
+            module.to(device)
+        return self
+
     @property
     def prediction_type(self) -> str:
         """``epsilon`` or ``v_prediction``: what the UNet is trained to output."""

@@ -27,14 +27,19 @@ def make_pipeline(parts: DiffusionParts, unet: torch.nn.Module | None = None):
     return pipe
 
 
-def load_pipeline(pretrained: str | Path):
-    """A ``StableDiffusionPipeline`` in float32 (the toy ships fp16 weights), no safety checker, no progress bar."""
+def load_pipeline(pretrained: str | Path, device: str | torch.device | None = None):
+    """A ``StableDiffusionPipeline`` with no safety checker and no progress bar, on ``device`` (default CPU).
+
+    float32 on CPU (the toy ships fp16 weights), float16 on a GPU.
+    """
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(pretrained), torch_dtype=torch.float32, safety_checker=None,
+    device = torch.device(device or "cpu")
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    pipe = StableDiffusionPipeline.from_pretrained(str(pretrained), torch_dtype=dtype, safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe.to(device)
 
 
 @torch.no_grad()

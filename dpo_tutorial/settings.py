@@ -1,7 +1,12 @@
-"""The one switch that makes notebooks and figure generation fast (for CI): ``DPO_TUTORIAL_FAST=1``.
+"""Environment switches, each read here and nowhere else.
+
+``DPO_TUTORIAL_FAST=1``: the one switch that makes notebooks and figure generation fast (for CI).
 
 Every notebook asks :func:`budget` for its step and sample counts instead of hard-coding them, so one
-environment variable, read here and nowhere else, scales them all down.
+environment variable scales them all down.
+
+``DPO_TUTORIAL_PRESET``, ``DPO_TUTORIAL_OVERRIDES``, ``DPO_TUTORIAL_PICKSCORE``: which preset the notebooks
+run and where its model, data and scorer come from (:func:`notebook_config`, :func:`pickscore_source`).
 """
 from __future__ import annotations
 
@@ -16,3 +21,62 @@ def fast_mode() -> bool:
 def budget(full, fast):
     """``fast`` under :func:`fast_mode`, else ``full`` (e.g. ``budget(full=300, fast=20)`` training steps)."""
     return fast if fast_mode() else full
+
+
+# ------------------------------------------------------------------ what the notebooks run on
+PRESET_ENV = "DPO_TUTORIAL_PRESET"
+OVERRIDES_ENV = "DPO_TUTORIAL_OVERRIDES"
+PICKSCORE_ENV = "DPO_TUTORIAL_PICKSCORE"
+
+
+def notebook_preset() -> str:
+    """The preset every notebook runs: ``DPO_TUTORIAL_PRESET`` when set, else ``sd15`` on a CUDA GPU and
+    ``toy`` elsewhere."""
+    import torch
+
+    from .config import PRESET_NAMES, ConfigError
+
+    name = os.environ.get(PRESET_ENV, "").strip() or ("sd15" if torch.cuda.is_available() else "toy")
+    if name not in PRESET_NAMES:
+        raise ConfigError(f"{PRESET_ENV}={name!r} is not a preset; expected one of {PRESET_NAMES}")
+    return name
+
+
+def notebook_overrides() -> dict:
+    """Config fields that ``DPO_TUTORIAL_OVERRIDES`` (a JSON object) changes in every notebook's preset.
+
+    E.g. a copy of SD 1.5 on Google Drive: ``DPO_TUTORIAL_OVERRIDES='{"pretrained": "/content/drive/sd15"}'``.
+    The tests use it to run the ``sd15`` cells on CPU against local stand-ins of the same format.
+    """
+    import json
+
+    from .config import ConfigError
+
+    text = os.environ.get(OVERRIDES_ENV, "").strip()
+    if not text:
+        return {}
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{OVERRIDES_ENV} is not valid JSON ({err}): {text[:200]!r}") from err
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{OVERRIDES_ENV} must be a JSON object of config fields, got {text[:200]!r}")
+    return overrides
+
+
+def notebook_config(**fields):
+    """The notebook preset with ``DPO_TUTORIAL_OVERRIDES`` applied, then the notebook's own ``fields``
+    (a notebook that trains into a fresh temporary folder keeps doing so)."""
+    from .config import get_preset
+
+    return get_preset(notebook_preset(), **{**notebook_overrides(), **fields})
+
+
+def pickscore_source() -> dict:
+    """Where PickScore loads from: the hub ids, or ``DPO_TUTORIAL_PICKSCORE`` (one local folder holding a
+    PickScore-format model and processor, e.g. :func:`dpo_tutorial.fixtures.build_tiny_pickscore`)."""
+    from .pickscore import PICKSCORE_MODEL, PICKSCORE_PROCESSOR
+
+    folder = os.environ.get(PICKSCORE_ENV, "").strip()
+    return {"model": folder, "processor": folder} if folder else {"model": PICKSCORE_MODEL,
+                                                                  "processor": PICKSCORE_PROCESSOR}

@@ -202,14 +202,20 @@ def _check_resume_compatible(path: Path, config: TrainConfig, world_size: int) -
 
 
 def _optimizer(params, config: TrainConfig):
-    cls = torch.optim.AdamW
+    """AdamW over the trainable parameters: bitsandbytes' 8-bit one when asked, else torch's fused kernel.
+
+    The fused kernel updates every tensor in one call; with ~100 small LoRA tensors it is 3.5x faster
+    than the per-tensor loop on CPU (``benchmarks/bench_step.py``) and gives the same update.
+    """
     if config.use_8bit_adam:
         try:
             import bitsandbytes as bnb
         except ImportError as err:
             raise ConfigError("use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from err
-        cls = bnb.optim.AdamW8bit
-    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+        return bnb.optim.AdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
+    params = list(params)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=fused)
 
 
 def _trainable_state(unet) -> dict[str, torch.Tensor]:
@@ -358,9 +364,13 @@ def _optimizer_step(run: _Run, batches) -> tuple[list[DPOLossOutput], bool]:
             acc.backward(result.loss)  # every process backprops, so DDP never waits for a skipped one
             ok = ok and bool(torch.isfinite(result.loss))
             if acc.sync_gradients:
+                norm = None  # the total gradient norm is finite iff every gradient is
                 if config.max_grad_norm > 0 and ok:
-                    acc.clip_grad_norm_(run.params, config.max_grad_norm)
-                ok = ok and all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in run.params)
+                    norm = acc.clip_grad_norm_(run.params, config.max_grad_norm)
+                if norm is not None:
+                    ok = ok and bool(torch.isfinite(norm))
+                else:
+                    ok = ok and all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in run.params)
                 if ok:
                     run.optimizer.step()
                     run.lr_scheduler.step()

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from dpo_tutorial.cli import build_parser
 from dpo_tutorial.config import PRESET_NAMES, ConfigError, TrainConfig, get_preset
@@ -47,3 +48,30 @@ def test_cli_bad_flag_value_is_one_line_error():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "error: invalid resolution=100" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_notebook_settings_read_preset_and_overrides_from_the_environment(monkeypatch):
+    from dpo_tutorial.config import ConfigError
+    from dpo_tutorial.settings import notebook_config, notebook_preset, pickscore_source
+
+    monkeypatch.delenv("DPO_TUTORIAL_PRESET", raising=False)
+    monkeypatch.delenv("DPO_TUTORIAL_OVERRIDES", raising=False)
+    monkeypatch.delenv("DPO_TUTORIAL_PICKSCORE", raising=False)
+    assert notebook_preset() == ("sd15" if torch.cuda.is_available() else "toy")
+    assert pickscore_source() == {"model": "yuvalkirstain/PickScore_v1",
+                                  "processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"}
+    monkeypatch.setenv("DPO_TUTORIAL_PRESET", "sd15")
+    monkeypatch.setenv("DPO_TUTORIAL_OVERRIDES", '{"pretrained": "/data/sd15", "max_steps": 7}')
+    cfg = notebook_config(max_steps=3, output_dir="/tmp/x")
+    assert (cfg.pretrained, cfg.max_steps, cfg.output_dir, cfg.beta) == ("/data/sd15", 3, "/tmp/x", 5000.0)
+    monkeypatch.setenv("DPO_TUTORIAL_PICKSCORE", "/data/ps")
+    assert pickscore_source() == {"model": "/data/ps", "processor": "/data/ps"}
+    monkeypatch.setenv("DPO_TUTORIAL_OVERRIDES", "{not json")
+    with pytest.raises(ConfigError, match="DPO_TUTORIAL_OVERRIDES is not valid JSON"):
+        notebook_config()
+    monkeypatch.setenv("DPO_TUTORIAL_OVERRIDES", '{"no_such_field": 1}')
+    with pytest.raises(ConfigError, match="no_such_field"):
+        notebook_config()
+    monkeypatch.setenv("DPO_TUTORIAL_PRESET", "sd3")
+    with pytest.raises(ConfigError, match="DPO_TUTORIAL_PRESET='sd3' is not a preset"):
+        notebook_preset()

@@ -48,3 +48,56 @@ def test_evaluate_returns_well_formed_numbers(sd_dir, pairs_parquet, tmp_path):
     assert not np.array_equal(samples["base_images"], samples["dpo_images"])  # the LoRA is applied
     np.testing.assert_allclose(samples["base_scores"], red(samples["base_images"], captions))
     assert torch.is_grad_enabled()
+
+
+@pytest.fixture(scope="module")
+def pickscore_dir(tmp_path_factory):
+    from dpo_tutorial.fixtures import build_tiny_pickscore
+
+    return build_tiny_pickscore(tmp_path_factory.mktemp("pickscore"))
+
+
+def test_pickscore_equals_clip_forward_logits_and_ignores_batching(pickscore_dir):
+    """Independent path: CLIPModel.forward's logits_per_image (its own normalisation and logit scale)."""
+    from PIL import Image
+
+    from dpo_tutorial.pickscore import PickScore
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 40, 48, 3), dtype=np.uint8)
+    captions = ["a red circle", "a blue square", "a photo of a cat", "a dog", "a green triangle"]
+    judge = PickScore(pickscore_dir, pickscore_dir, batch_size=2)
+    scores = judge(images, captions)
+    inputs = judge.processor(text=captions, images=[Image.fromarray(im) for im in images], padding=True,
+                             return_tensors="pt")
+    with torch.no_grad():
+        expected = judge.model(**inputs).logits_per_image.diagonal().numpy()
+    assert scores.shape == (5,)
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(PickScore(pickscore_dir, pickscore_dir, batch_size=16)(images, captions), scores,
+                               rtol=1e-5, atol=1e-5)
+    assert len(set(np.round(scores, 4))) == 5  # the stand-in tells the pairs apart
+    with pytest.raises(ValueError, match="one caption per image"):
+        judge(images, captions[:3])
+
+
+def test_pickscore_offline_hub_id_fails_with_a_message_naming_it():
+    from dpo_tutorial.pickscore import PickScore
+
+    with pytest.raises(OSError, match="could not load PickScore.*no-such-org/PickScore"):
+        PickScore("no-such-org/PickScore", "no-such-org/PickScore")
+
+
+def test_evaluate_with_pickscore_reports_nan_accuracy_and_a_win_rate(sd_dir, pairs_parquet, pickscore_dir, tmp_path):
+    from dpo_tutorial.pickscore import PickScore
+
+    train(TrainConfig(pretrained=str(sd_dir), dataset=str(pairs_parquet), output_dir=str(tmp_path), resolution=32,
+                      batch_size=4, max_steps=3, lr=5e-2, rank=4, sample_grid=False))
+    judge = PickScore(pickscore_dir, pickscore_dir)
+    captions = ["a red square", "a blue square", "a photo of a cat", "a dog"]
+    result, samples = evaluate(str(sd_dir), tmp_path, captions, [0, 1, 2, 3], judge, steps=2, batch_size=3)
+    assert math.isnan(result.base_accuracy) and math.isnan(result.dpo_accuracy)
+    np.testing.assert_allclose(samples["dpo_scores"], judge(samples["dpo_images"], captions))
+    assert not np.array_equal(samples["base_scores"], samples["dpo_scores"])
+    expected, _, _ = win_rate(samples["base_scores"], samples["dpo_scores"])
+    assert result.win_rate == expected and result.n == 4

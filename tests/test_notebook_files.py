@@ -24,3 +24,12 @@ def test_notebook_is_stripped_uses_python3_and_imports_the_package(path):
     setup = "".join(code[0]["source"])
     assert "pip" in setup and "from dpo_tutorial.settings import budget" in setup and "cuda.is_available" in setup
     assert len(nb["cells"]) <= 30
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_installs_from_the_repository_named_in_pyproject(path):
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((path.parents[1] / "pyproject.toml").read_text())
+    url = pyproject["project"]["urls"]["Repository"]
+    setup = "".join(next(c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")["source"])
+    assert f'"dpo-tutorial @ git+{url}"' in setup
