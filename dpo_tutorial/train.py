@@ -352,31 +352,47 @@ def _resume_and_open_logs(run: _Run) -> int:
     return start_step
 
 
-def _optimizer_step(run: _Run, batches) -> tuple[list[DPOLossOutput], bool]:
-    """``grad_accum`` micro-batches, then one update; skipped when the loss or a gradient is not finite."""
+def _optimizer_step(run: _Run, batches) -> tuple[list[DPOLossOutput], bool, bool]:
+    """``grad_accum`` micro-batches, then one update. Returns (outputs, updated, finite).
+
+    A non-finite loss or gradient skips the update (``finite`` False). Under fp16 the GradScaler owns
+    overflowing gradients: it skips that update itself and lowers its scale, which is routine in the first
+    steps, so only a non-finite *loss* counts as non-finite there.
+    """
     config, acc = run.config, run.accelerator
-    outs, ok = [], True
+    scaled = acc.scaler is not None
+    scale_before = acc.scaler.get_scale() if scaled else None
+    outs, loss_ok, grads_ok = [], True, True
     for _ in range(config.grad_accum):
         batch = next(batches)
         with acc.accumulate(run.unet):
             result = dpo_step(run.parts, run.unet, batch, config.beta, config.loss_type, run.generator,
                               run.ref_unet, resolution=config.resolution)
             acc.backward(result.loss)  # every process backprops, so DDP never waits for a skipped one
-            ok = ok and bool(torch.isfinite(result.loss))
+            loss_ok = loss_ok and bool(torch.isfinite(result.loss))
             if acc.sync_gradients:
-                norm = None  # the total gradient norm is finite iff every gradient is
-                if config.max_grad_norm > 0 and ok:
-                    norm = acc.clip_grad_norm_(run.params, config.max_grad_norm)
-                if norm is not None:
-                    ok = ok and bool(torch.isfinite(norm))
-                else:
-                    ok = ok and all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in run.params)
-                if ok:
-                    run.optimizer.step()
+                grads_ok = loss_ok and _gradients_finite(run)
+                if loss_ok and (grads_ok or scaled):
+                    run.optimizer.step()  # fp16: the scaler skips it when the gradients overflowed
                     run.lr_scheduler.step()
                 run.optimizer.zero_grad(set_to_none=True)
         outs.append(result)
-    return outs, ok
+    # the scaler lowers its scale exactly when it skipped an overflowing update (accelerate's own
+    # step_was_skipped misses that for fused optimizers, which the scaler always calls)
+    skipped_by_scaler = scaled and acc.scaler.get_scale() < scale_before
+    return outs, loss_ok and grads_ok and not skipped_by_scaler, loss_ok and (grads_ok or scaled)
+
+
+def _gradients_finite(run: _Run) -> bool:
+    """Clip (when ``max_grad_norm`` > 0) and report whether every gradient is finite.
+
+    The total norm that clipping computes is finite iff every gradient is, so it doubles as the check.
+    """
+    if run.config.max_grad_norm > 0:
+        norm = run.accelerator.clip_grad_norm_(run.params, run.config.max_grad_norm)
+        if norm is not None:
+            return bool(torch.isfinite(norm))
+    return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in run.params)
 
 
 def _log(run: _Run, step: int, outs: list[DPOLossOutput], updated: bool, seconds: float, bar) -> None:
@@ -409,7 +425,7 @@ def train(config: TrainConfig) -> History:
     ``config.json``, ``checkpoint-<step>/``, ``pytorch_lora_weights.safetensors`` (or ``unet/`` for a
     full fine-tune), ``data_summary.json`` and, for LoRA runs, ``samples.png`` (top: base, bottom: DPO).
     A non-finite loss or gradient skips that update; ``max_nonfinite_steps`` in a row save a checkpoint
-    and stop with ``FloatingPointError``.
+    and stop with ``FloatingPointError`` (under fp16, overflowing gradients are the GradScaler's to skip).
     """
     from tqdm.auto import tqdm
 
@@ -420,8 +436,8 @@ def train(config: TrainConfig) -> History:
                desc="Diffusion-DPO", disable=not run.accelerator.is_local_main_process)
     t0, bad_in_a_row = time.perf_counter(), 0
     for step in bar:
-        outs, updated = _optimizer_step(run, batches)
-        bad_in_a_row = 0 if updated else bad_in_a_row + 1
+        outs, updated, finite = _optimizer_step(run, batches)
+        bad_in_a_row = 0 if finite else bad_in_a_row + 1
         _log(run, step + 1, outs, updated, time.perf_counter() - t0, bar)
         stop = bad_in_a_row >= config.max_nonfinite_steps
         if stop or step + 1 == config.max_steps or (

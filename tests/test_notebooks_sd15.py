@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dpo_tutorial.fixtures import build_tiny_pickscore, write_pickapic_parquet
-from tests.conftest import make_rows
+from conftest import make_rows
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 

@@ -116,6 +116,34 @@ def test_non_finite_updates_are_skipped_counted_then_stop(sd_dir, pairs_parquet,
     assert ckpt.list_checkpoints(tmp_path)[-1].name == f"checkpoint-{records[-1]['step']}"
 
 
+def test_fp16_gradient_overflow_is_left_to_the_grad_scaler(sd_dir, pairs_parquet, tmp_path):
+    """With fp16 on a GPU, accelerate scales the loss, and overflowing gradients are routine early on.
+
+    The scaler skips those updates and halves its scale. They must not count towards the non-finite stop
+    (three in a row would end an SD 1.5 run at step 3). Accelerate sets up no GradScaler on CPU, so the
+    test installs one where accelerate would. It then poisons two steps' gradients with inf.
+    """
+    from dpo_tutorial.train import _optimizer_step, _setup
+
+    run = _setup(base_config(sd_dir, pairs_parquet, tmp_path, max_steps=10, lr=1e-2))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    run.accelerator.scaler = scaler  # then wrap the optimizer again, as prepare() does when it has a scaler
+    run.accelerator._optimizers.clear()
+    run.optimizer = run.accelerator.prepare(run.optimizer.optimizer)
+    poisoned_steps = [True, True, False, False]
+    run.params[0].register_hook(lambda grad: grad * float("inf") if poisoned_steps[0] else grad)
+    batches, seen = iter(run.stream), []
+    while poisoned_steps:
+        before = [p.detach().clone() for p in run.params]
+        _, updated, finite = _optimizer_step(run, batches)
+        moved = any(not torch.equal(b, p) for b, p in zip(before, run.params))
+        seen.append((updated, finite, moved, scaler.get_scale()))
+        poisoned_steps.pop(0)
+    assert [s[:3] for s in seen] == [(False, True, False), (False, True, False), (True, True, True),
+                                     (True, True, True)]
+    assert [s[3] for s in seen] == [2.0 ** 15, 2.0 ** 14, 2.0 ** 14, 2.0 ** 14]
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--preset", "toy", "--beta", "-1"], "invalid beta=-1.0"),
     (["--pretrained", "/no/such/folder"], "model folder '/no/such/folder' does not exist"),
