@@ -27,6 +27,7 @@ def budget(full, fast):
 PRESET_ENV = "DPO_TUTORIAL_PRESET"
 OVERRIDES_ENV = "DPO_TUTORIAL_OVERRIDES"
 PICKSCORE_ENV = "DPO_TUTORIAL_PICKSCORE"
+NOTEBOOK_PRESETS = ("toy", "sd15")
 
 
 def notebook_preset() -> str:
@@ -34,11 +35,12 @@ def notebook_preset() -> str:
     ``toy`` elsewhere."""
     import torch
 
-    from .config import PRESET_NAMES, ConfigError
+    from .config import ConfigError
 
     name = os.environ.get(PRESET_ENV, "").strip() or ("sd15" if torch.cuda.is_available() else "toy")
-    if name not in PRESET_NAMES:
-        raise ConfigError(f"{PRESET_ENV}={name!r} is not a preset; expected one of {PRESET_NAMES}")
+    if name not in NOTEBOOK_PRESETS:
+        raise ConfigError(f"{PRESET_ENV}={name!r} is not a notebook preset; expected one of {NOTEBOOK_PRESETS} "
+                          "(the notebooks use SD 1.x pipelines; train SDXL with `dpo-tutorial train --preset sdxl`)")
     return name
 
 

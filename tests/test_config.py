@@ -72,6 +72,7 @@ def test_notebook_settings_read_preset_and_overrides_from_the_environment(monkey
     monkeypatch.setenv("DPO_TUTORIAL_OVERRIDES", '{"no_such_field": 1}')
     with pytest.raises(ConfigError, match="no_such_field"):
         notebook_config()
-    monkeypatch.setenv("DPO_TUTORIAL_PRESET", "sd3")
-    with pytest.raises(ConfigError, match="DPO_TUTORIAL_PRESET='sd3' is not a preset"):
-        notebook_preset()
+    for name in ("sd3", "sdxl"):
+        monkeypatch.setenv("DPO_TUTORIAL_PRESET", name)
+        with pytest.raises(ConfigError, match=f"DPO_TUTORIAL_PRESET='{name}' is not a notebook preset"):
+            notebook_preset()
