@@ -10,9 +10,10 @@
 (c) project+compile (unless ``--no-compile``): (b) with ``compile_unet`` on (``torch.compile``; on CPU it
     needs a C++ compiler). Its compile time is reported apart, as the warm-up.
 
-Both run on the same pipeline, data, batch size, resolution and seeds, each in a fresh process (so the
-peak memory of one does not hide the other's); the script prints both and their ratio, and compares every
-step's losses of both (equal up to float noise: the cache does not change the maths).
+All run on the same pipeline, data, batch size, resolution and seeds, each in a fresh process (so the
+peak memory of one does not hide another's); the script prints each one's pairs/s and its ratio to the
+baseline, and compares every step's loss with the baseline's (equal up to float noise: neither the cache
+nor compilation changes the maths).
 
     python benchmarks/bench_step.py                        # toy pipeline, batch 16 pairs, CPU
     python benchmarks/bench_step.py --pretrained DIR --dataset PARQUET --resolution 512 --batch-size 4
@@ -85,7 +86,7 @@ def _peak_rss_mb() -> float:
 
 
 def run_variant(args) -> dict:
-    """One variant in this process: warm-up, then timed steps. Returns pairs/s, peak RSS, first loss."""
+    """One variant in this process: warm-up, then timed steps. Returns pairs/s, warm-up s, peak RSS, losses."""
     from dpo_tutorial.data import PairStream, PairTransform, load_pickapic
     from dpo_tutorial.models import add_lora, load_parts
     from dpo_tutorial.train import _optimizer, _speed_options, _stream, dpo_step
@@ -120,12 +121,11 @@ def run_variant(args) -> dict:
         losses.append(loss.item())
     seconds = time.perf_counter() - t0
     return {"variant": args.variant, "pairs_per_s": args.steps * config.batch_size / seconds,
-            "warmup_s": warmup_s,
-            "peak_rss_mb": _peak_rss_mb(), "losses": losses}
+            "warmup_s": warmup_s, "peak_rss_mb": _peak_rss_mb(), "losses": losses}
 
 
 def main() -> None:
-    """Build the cache, run both variants in fresh processes, print the table and the ratio."""
+    """Build the cache, run each variant in a fresh process, print the table and the ratios."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained"), p.add_argument("--dataset"), p.add_argument("--resolution", type=int)
     p.add_argument("--batch-size", type=int, default=16)
