@@ -5,9 +5,11 @@ pairs. It scores an image ``x`` against a caption ``c`` as a temperature-scaled 
 
     score(x, c) = exp(logit_scale) * < E_img(x) / |E_img(x)| , E_txt(c) / |E_txt(c)| >
 
-(about 20-23 for typical SD images; ``exp(logit_scale)`` is 100). Diffusion-DPO (Wallace et al. 2023,
-§5 and Table 1) reports the share of prompts on which the DPO model's image gets the higher PickScore,
-which is exactly :func:`dpo_tutorial.evaluate.win_rate` with this scorer as ``judge_score``.
+with ``logit_scale`` a learned scalar of the CLIP model. Diffusion-DPO (Wallace et al. 2023) picked its
+checkpoints by median PickScore on Pick-a-Pic's 500 ``validation_unique`` prompts, and later papers report
+mean PickScore there (e.g. SD 1.5 20.53 -> DPO-SD1.5 20.98, arXiv 2406.04314). As ``judge_score`` of
+:func:`dpo_tutorial.evaluate.evaluate` it gives both the mean scores and the win-rate: the share of
+prompts on which the DPO image scores higher than the base image for the same seed.
 
 The weights are ``yuvalkirstain/PickScore_v1``; its processor (tokenizer + 224-px image transform) is
 LAION's ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``. Both load from the hub (about 4 GB) or from local
