@@ -20,14 +20,19 @@ from .tokenizer import build_clip_tokenizer
 WORDS = ["a", "an", "red", "green", "blue", "yellow", "circle", "square", "triangle", "photo", "of", "cat", "dog"]
 
 
+def _text_config(tokenizer, hidden: int) -> dict:
+    """A 2-layer CLIP text tower sized ``hidden`` whose vocabulary and special tokens match ``tokenizer``."""
+    return dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+
+
 def _text_encoder(tokenizer, hidden: int, projection: bool, seed: int):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
-    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
-                            projection_dim=hidden, bos_token_id=tokenizer.bos_token_id,
-                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = CLIPTextConfig(**_text_config(tokenizer, hidden), projection_dim=hidden)
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
@@ -99,9 +104,7 @@ def build_tiny_pickscore(out_dir: str | Path, image_size: int = 32, seed: int = 
 
     out = Path(out_dir)
     tok = build_clip_tokenizer(WORDS, out, model_max_length=77)
-    text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=2, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    text = _text_config(tok, hidden=32)
     vision = dict(image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=2)
     torch.manual_seed(seed)
