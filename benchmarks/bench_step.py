@@ -89,7 +89,8 @@ def run_variant(args) -> dict:
     """One variant in this process: warm-up, then timed steps. Returns pairs/s, warm-up s, peak RSS, losses."""
     from dpo_tutorial.data import PairStream, PairTransform, load_pickapic
     from dpo_tutorial.models import add_lora, load_parts
-    from dpo_tutorial.train import _optimizer, _speed_options, _stream, dpo_step
+    from dpo_tutorial.step import dpo_step
+    from dpo_tutorial.train import apply_speed_options, make_optimizer, make_stream
 
     torch.set_num_threads(args.threads)
     project = args.variant.startswith("project")
@@ -99,9 +100,9 @@ def run_variant(args) -> dict:
     params = add_lora(parts.unet, rank=8, init_seed=0)
     g = torch.Generator().manual_seed(0)
     if project:
-        _speed_options(config, [parts.unet])
-        opt = _optimizer(params, config)  # the package's optimizer (fused AdamW)
-        stream = iter(_stream(config, 0, 1))
+        apply_speed_options(config, [parts.unet])
+        opt = make_optimizer(params, config)  # the package's optimizer (fused AdamW)
+        stream = iter(make_stream(config, 0, 1))
         step = lambda b: dpo_step(parts, parts.unet, b, config.beta, generator=g).loss  # noqa: E731
     else:
         opt = torch.optim.AdamW(params, lr=config.lr)  # the recipe's optimizer

@@ -25,7 +25,7 @@ def worker(threads: int, steps: int, batch_size: int) -> float:
 
     from dpo_tutorial.config import get_preset
     from dpo_tutorial.models import add_lora, load_parts
-    from dpo_tutorial.train import unet_forward
+    from dpo_tutorial.step import unet_forward
 
     torch.set_num_threads(threads)
     parts = load_parts(get_preset("toy").pretrained)

@@ -6,15 +6,7 @@ import torch
 
 from .loss import per_sample_mse, split_pairs
 from .models import DiffusionParts, reference_mode
-from .noise import shared_noise, shared_timesteps
-
-
-@torch.no_grad()
-def _inputs(parts: DiffusionParts, batch: dict, generator):
-    from .train import _encode_batch
-
-    latents, embeds, _, _ = _encode_batch(parts, batch, generator, None)  # (2B, C, h, w), (B, L, D)
-    return latents, embeds.repeat(2, 1, 1)  # (2B, L, D)
+from .step import draw_noise, encode_batch, noisy_prediction
 
 
 @torch.no_grad()
@@ -23,21 +15,22 @@ def model_diff_draws(parts: DiffusionParts, unet, batch: dict, num_draws: int, s
     """``(num_draws, B)`` one-draw estimates of each pair's ``model_diff``.
 
     ``shared=True``: winner and loser get the same noise and timestep (the recipe); ``False``: each
-    image draws its own, as a naive implementation would. The latents are encoded once.
+    image draws its own, as a naive implementation would. The latents are encoded once. The target is
+    the model's own (ε or v), as in training.
     """
     g = torch.Generator(parts.vae.device).manual_seed(seed)
-    latents, embeds = _inputs(parts, batch, g)
-    num_pairs, steps = latents.shape[0] // 2, parts.noise_scheduler.config.num_train_timesteps
-    dev = latents.device
+    encoded = encode_batch(parts, batch, g)  # latents (2B, C, h, w), embeddings (2B, L, D)
+    steps = parts.noise_scheduler.config.num_train_timesteps
+    latents = encoded.latents
     out = []
     for _ in range(num_draws):
         if shared:
-            noise, t = shared_noise(latents, g), shared_timesteps(num_pairs, steps, dev, generator=g)
+            noise, t = draw_noise(parts, encoded, g)
         else:
-            noise = torch.randn(latents.shape, generator=g, device=dev, dtype=latents.dtype)
-            t = torch.randint(0, steps, (2 * num_pairs,), generator=g, device=dev)
-        pred = unet(parts.noise_scheduler.add_noise(latents, noise, t), t, embeds).sample
-        mse_w, mse_l = split_pairs(per_sample_mse(pred, noise))
+            noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
+            t = torch.randint(0, steps, (latents.shape[0],), generator=g, device=latents.device)
+        pred, target = noisy_prediction(parts, unet, encoded, noise, t)
+        mse_w, mse_l = split_pairs(per_sample_mse(pred, target))
         out.append(mse_w - mse_l)
     return torch.stack(out)  # (num_draws, B)
 
@@ -49,15 +42,15 @@ def pair_errors(parts: DiffusionParts, unet, batch: dict, num_draws: int = 8, se
     The same shared noise/timestep draws are used for both, so the numbers are directly comparable.
     """
     g = torch.Generator(parts.vae.device).manual_seed(seed)
-    latents, embeds = _inputs(parts, batch, g)
-    num_pairs, steps = latents.shape[0] // 2, parts.noise_scheduler.config.num_train_timesteps
+    encoded = encode_batch(parts, batch, g)
     sums = {k: 0.0 for k in ("policy_w", "policy_l", "ref_w", "ref_l")}
     for _ in range(num_draws):
-        noise, t = shared_noise(latents, g), shared_timesteps(num_pairs, steps, latents.device, generator=g)
-        noisy = parts.noise_scheduler.add_noise(latents, noise, t)
-        w, l = split_pairs(per_sample_mse(unet(noisy, t, embeds).sample, noise))
+        noise, t = draw_noise(parts, encoded, g)
+        pred, target = noisy_prediction(parts, unet, encoded, noise, t)
+        w, l = split_pairs(per_sample_mse(pred, target))
         with reference_mode(unet):
-            rw, rl = split_pairs(per_sample_mse(unet(noisy, t, embeds).sample, noise))
+            ref_pred, _ = noisy_prediction(parts, unet, encoded, noise, t)
+        rw, rl = split_pairs(per_sample_mse(ref_pred, target))
         for k, v in zip(sums, (w, l, rw, rl)):
             sums[k] += v.mean().item() / num_draws
     return sums

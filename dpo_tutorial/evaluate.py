@@ -70,7 +70,7 @@ def implicit_reward_accuracy(parts, unet, dataset, resolution: int, beta: float 
     stream; the first ``max_pairs`` non-tie pairs are scored (all when None). Pairs that do not decode
     are skipped; ties are not scored (they have no winner).
     """
-    from .train import dpo_step
+    from .step import dpo_step
 
     transform = PairTransform(resolution, random_crop=False, random_flip=False)
     examples = []

@@ -29,7 +29,8 @@ def make_figures(out_dir: str | Path = "figures") -> list[str]:
     from .models import reference_mode
     from .settings import budget
     from .toy.evaluation import evaluate_toy, heldout_prompts
-    from .train import dpo_step, train
+    from .step import dpo_step
+    from .train import train
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

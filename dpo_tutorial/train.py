@@ -26,10 +26,9 @@ import torch
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
 from .data import PairStream, PairTransform, load_pickapic
-from .loss import DPOLossOutput, diffusion_dpo_loss
-from .models import (DiffusionParts, add_lora, check_source, diffusion_target, encode_images, encode_prompts,
-                     frozen_copy, load_parts, reference_mode, sdxl_time_ids)
-from .noise import shared_noise, shared_timesteps
+from .loss import DPOLossOutput
+from .models import DiffusionParts, add_lora, check_source, frozen_copy, load_parts
+from .step import dpo_step
 
 METRICS = ("loss", "implicit_acc", "raw_model_loss", "raw_ref_loss", "reward_margin",
            "model_mse_w", "model_mse_l")
@@ -59,71 +58,6 @@ class History:
         return cls(records=records, output_dir=str(output_dir))
 
 
-# ------------------------------------------------------------------------------------ one step
-def unet_forward(unet, noisy: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor,
-                 added_cond: dict | None) -> torch.Tensor:
-    """One UNet pass: ``(2B, C, h, w)`` noisy latents -> ``(2B, C, h, w)`` prediction."""
-    return unet(noisy, timesteps, prompt_embeds, added_cond_kwargs=added_cond, return_dict=False)[0]
-
-
-def _encode_batch(parts: DiffusionParts, batch: dict, generator, resolution: int | None):
-    """Latents ``(2B, C, h, w)``, caption embeddings ``(B, L, D)``, pooled ``(B, P)``, time ids ``(2B, 6)``.
-
-    From images (VAE + text encoders, as the public recipe does every step) or, for a batch from the
-    latent cache, by sampling ``mean + std * randn`` — the same draw ``latent_dist.sample`` makes.
-    """
-    if "latent_mean" in batch:
-        mean = batch["latent_mean"].to(parts.vae.device)
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        latents = (mean + batch["latent_std"].to(mean.device) * noise) * parts.vae.config.scaling_factor
-        return latents, batch["prompt_embeds"], batch.get("pooled"), batch["time_ids"]
-    latents = encode_images(parts.vae, batch["pixel_values"], generator)
-    prompt_embeds, pooled = encode_prompts(parts, batch["captions"])
-    time_ids = None
-    if parts.is_sdxl:
-        time_ids = sdxl_time_ids(batch["original_sizes"], batch["crop_top_lefts"],
-                                 resolution or batch["pixel_values"].shape[-1])
-    return latents, prompt_embeds, pooled, time_ids
-
-
-def dpo_step(parts: DiffusionParts, unet, batch: dict, beta: float, loss_type: str = "sigmoid",
-             generator: torch.Generator | None = None, ref_unet=None, noise: torch.Tensor | None = None,
-             timesteps: torch.Tensor | None = None, resolution: int | None = None) -> DPOLossOutput:
-    """The Diffusion-DPO loss of one winners-then-losers batch (forward only; the caller backprops).
-
-    ``unet`` is the policy (possibly wrapped by accelerate/DDP). The reference is ``ref_unet`` when
-    given (full fine-tune), else the same UNet with its LoRA switched off. ``noise``/``timesteps``
-    override the random draw (tests hold them fixed).
-    """
-    base = getattr(unet, "module", unet)
-    latents, prompt_embeds, pooled, time_ids = _encode_batch(parts, batch, generator, resolution)
-    latents = latents.to(next(p for p in base.parameters()).dtype)  # (2B, C, h, w)
-    num_pairs = latents.shape[0] // 2
-    # (2B, L, D): rows i and i + B share caption i
-    prompt_embeds = prompt_embeds.repeat(2, 1, 1).to(latents.device, latents.dtype)
-    added_cond = None
-    if parts.is_sdxl:
-        added_cond = {"text_embeds": pooled.repeat(2, 1).to(latents.device, latents.dtype),  # (2B, P)
-                      "time_ids": time_ids.to(latents.device, latents.dtype)}  # (2B, 6)
-    if noise is None:
-        noise = shared_noise(latents, generator)  # (2B, C, h, w), halves identical
-    if timesteps is None:
-        timesteps = shared_timesteps(num_pairs, parts.noise_scheduler.config.num_train_timesteps,
-                                     latents.device, generator)  # (2B,)
-    noisy = parts.noise_scheduler.add_noise(latents, noise, timesteps)
-    target = diffusion_target(parts.noise_scheduler, latents, noise, timesteps)
-    model_pred = unet_forward(unet, noisy, timesteps, prompt_embeds, added_cond)
-    ref_pred = None
-    if loss_type != "sft":
-        with torch.no_grad():
-            if ref_unet is not None:
-                ref_pred = unet_forward(ref_unet, noisy, timesteps, prompt_embeds, added_cond)
-            else:
-                with reference_mode(base):
-                    ref_pred = unet_forward(base, noisy, timesteps, prompt_embeds, added_cond)
-    return diffusion_dpo_loss(model_pred, ref_pred, target, beta=beta, loss_type=loss_type)
-
-
 # ------------------------------------------------------------------------------------ set-up
 def _accelerator(config: TrainConfig):
     from accelerate import Accelerator
@@ -140,10 +74,18 @@ def _set_threads(config: TrainConfig, world_size: int) -> None:
 
     Order of precedence: ``config.num_threads``, then ``OMP_NUM_THREADS``, then cores / processes.
     Several torch processes each using every core made a CPU step 10-50x slower in our measurements.
+    The call is skipped when torch already has that many threads: ``torch.set_num_threads`` also
+    turns MKL's dynamic threading off, which made CPU attention ~3x slower (issue 17's profile).
     """
     threads = (config.num_threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
                or max(1, (os.cpu_count() or 1) // world_size))
-    torch.set_num_threads(threads)
+    set_threads(threads)
+
+
+def set_threads(threads: int) -> None:
+    """``torch.set_num_threads(threads)`` only when the count changes (see :func:`_set_threads`)."""
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def _check_output_dir(config: TrainConfig) -> None:
@@ -168,12 +110,12 @@ def _prepare_model(parts: DiffusionParts, config: TrainConfig, weight_dtype: tor
         params = add_lora(unet, config.rank, config.lora_alpha, init_seed=config.seed)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    _speed_options(config, [u for u in (unet, ref_unet) if u is not None])
+    apply_speed_options(config, [u for u in (unet, ref_unet) if u is not None])
     unet.train()
     return params, ref_unet
 
 
-def _speed_options(config: TrainConfig, unets: list) -> None:
+def apply_speed_options(config: TrainConfig, unets: list) -> None:
     """Opt-in GPU speed settings (each benchmarked in ``benchmarks/``, none assumed to help)."""
     if config.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -201,7 +143,7 @@ def _check_resume_compatible(path: Path, config: TrainConfig, world_size: int) -
                           "pass the same values or start a new --output-dir")
 
 
-def _optimizer(params, config: TrainConfig):
+def make_optimizer(params, config: TrainConfig):
     """AdamW over the trainable parameters: bitsandbytes' 8-bit one when asked, else torch's fused kernel.
 
     The fused kernel updates every tensor in one call; with ~100 small LoRA tensors it is 3.5x faster
@@ -261,8 +203,8 @@ def _truncate_history(path: Path, last_step: int) -> list[dict]:
 
 
 @dataclass
-class _Run:
-    """Everything one training run holds (built by :func:`_setup`)."""
+class TrainingRun:
+    """Everything one training run holds (built by :func:`setup_run`)."""
 
     config: TrainConfig
     accelerator: object
@@ -278,7 +220,8 @@ class _Run:
     history: History
 
 
-def _setup(config: TrainConfig) -> _Run:
+def setup_run(config: TrainConfig) -> TrainingRun:
+    """Validate ``config``, start accelerate, load data and models, add the LoRA, build optimizer and schedule."""
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
@@ -293,23 +236,24 @@ def _setup(config: TrainConfig) -> _Run:
     set_seed(config.seed)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     check_source(config.pretrained)  # cheap checks first: a typo fails before anything heavy loads
-    stream = _stream(config, accelerator.process_index, accelerator.num_processes)
+    stream = make_stream(config, accelerator.process_index, accelerator.num_processes)
     parts = load_parts(config.pretrained, config.vae, config.prediction_type)
     params, ref_unet = _prepare_model(parts, config, weight_dtype)
     for module in (parts.vae, *parts.text_encoders, *([ref_unet] if ref_unet is not None else [])):
         module.to(accelerator.device)
-    optimizer = _optimizer(params, config)
+    optimizer = make_optimizer(params, config)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=config.max_steps * accelerator.num_processes)
     unet, optimizer, lr_scheduler = accelerator.prepare(parts.unet, optimizer, lr_scheduler)
     generator = torch.Generator(device=accelerator.device).manual_seed(config.seed + accelerator.process_index)
     out = Path(config.output_dir)
-    return _Run(config, accelerator, parts, unet, ref_unet, params, optimizer, lr_scheduler, stream, generator,
-                out, History(output_dir=str(out)))
+    return TrainingRun(config=config, accelerator=accelerator, parts=parts, unet=unet, ref_unet=ref_unet,
+                       params=params, optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream,
+                       generator=generator, out=out, history=History(output_dir=str(out)))
 
 
-def _stream(config: TrainConfig, rank: int, world_size: int) -> PairStream:
+def make_stream(config: TrainConfig, rank: int, world_size: int) -> PairStream:
     """This process's share of the pairs: streamed data split by node, map-style data sharded by rank."""
     if config.cache:
         from .cache import LatentCache
@@ -327,7 +271,7 @@ def _stream(config: TrainConfig, rank: int, world_size: int) -> PairStream:
                       rank=0 if config.streaming else rank, world_size=1 if config.streaming else world_size)
 
 
-def _resume_and_open_logs(run: _Run) -> int:
+def _resume_and_open_logs(run: TrainingRun) -> int:
     """Restore the checkpoint asked for (if any), prepare the output folder; return the start step."""
     config, acc = run.config, run.accelerator
     start_step = 0
@@ -352,7 +296,7 @@ def _resume_and_open_logs(run: _Run) -> int:
     return start_step
 
 
-def _optimizer_step(run: _Run, batches) -> tuple[list[DPOLossOutput], bool, bool]:
+def optimizer_step(run: TrainingRun, batches) -> tuple[list[DPOLossOutput], bool, bool]:
     """``grad_accum`` micro-batches, then one update. Returns (outputs, updated, finite).
 
     A non-finite loss or gradient skips the update (``finite`` False). Under fp16 the GradScaler owns
@@ -383,7 +327,7 @@ def _optimizer_step(run: _Run, batches) -> tuple[list[DPOLossOutput], bool, bool
     return outs, loss_ok and grads_ok and not skipped_by_scaler, loss_ok and (grads_ok or scaled)
 
 
-def _gradients_finite(run: _Run) -> bool:
+def _gradients_finite(run: TrainingRun) -> bool:
     """Clip (when ``max_grad_norm`` > 0) and report whether every gradient is finite.
 
     The total norm that clipping computes is finite iff every gradient is, so it doubles as the check.
@@ -395,7 +339,7 @@ def _gradients_finite(run: _Run) -> bool:
     return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in run.params)
 
 
-def _log(run: _Run, step: int, outs: list[DPOLossOutput], updated: bool, seconds: float, bar) -> None:
+def _log(run: TrainingRun, step: int, outs: list[DPOLossOutput], updated: bool, seconds: float, bar) -> None:
     record = {"step": step, **_mean_metrics(outs, run.accelerator), "lr": run.lr_scheduler.get_last_lr()[0],
               "skipped_update": not updated, "skipped_pairs": sum(run.stream.skipped.values()),
               "seconds": round(seconds, 3)}
@@ -407,7 +351,7 @@ def _log(run: _Run, step: int, outs: list[DPOLossOutput], updated: bool, seconds
             run.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
 
 
-def _save(run: _Run, step: int) -> None:
+def _save(run: TrainingRun, step: int) -> None:
     acc = run.accelerator
     ckpt.save_checkpoint(run.out, step, trainable=_trainable_state(acc.unwrap_model(run.unet)),
                          optimizer=run.optimizer, lr_scheduler=run.lr_scheduler, generator=run.generator,
@@ -429,14 +373,14 @@ def train(config: TrainConfig) -> History:
     """
     from tqdm.auto import tqdm
 
-    run = _setup(config)
+    run = setup_run(config)
     start_step = _resume_and_open_logs(run)
     batches = iter(run.stream)
     bar = tqdm(range(start_step, config.max_steps), initial=start_step, total=config.max_steps,
                desc="Diffusion-DPO", disable=not run.accelerator.is_local_main_process)
     t0, bad_in_a_row = time.perf_counter(), 0
     for step in bar:
-        outs, updated, finite = _optimizer_step(run, batches)
+        outs, updated, finite = optimizer_step(run, batches)
         bad_in_a_row = 0 if finite else bad_in_a_row + 1
         _log(run, step + 1, outs, updated, time.perf_counter() - t0, bar)
         stop = bad_in_a_row >= config.max_nonfinite_steps

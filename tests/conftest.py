@@ -13,7 +13,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # one share of the cores per pytest worker (oversubscribed CPU threads slow torch 10-50x)
 os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1)
                                               // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1)))))
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+if torch.get_num_threads() != int(os.environ["OMP_NUM_THREADS"]):  # the call costs MKL its dynamic threading
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from dpo_tutorial.fixtures import build_tiny_pipeline, encode_image, pickapic_row, write_pickapic_parquet  # noqa: E402
 

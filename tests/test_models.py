@@ -5,7 +5,7 @@ import torch
 from dpo_tutorial.data import PairStream, PairTransform, load_pickapic
 from dpo_tutorial.models import (ModelError, add_lora, diffusion_target, encode_prompts, load_parts,
                                  reference_mode, sdxl_time_ids)
-from dpo_tutorial.train import dpo_step, unet_forward
+from dpo_tutorial.step import dpo_step, unet_forward
 
 
 def inputs(parts, n=4, seed=0):

@@ -17,7 +17,7 @@ from dpo_tutorial.cli import main
 from dpo_tutorial.config import TrainConfig
 from dpo_tutorial.data import PairStream, PairTransform, load_pickapic
 from dpo_tutorial.fixtures import encode_image, pickapic_row, write_pickapic_parquet
-from dpo_tutorial.train import History, _stream, train
+from dpo_tutorial.train import History, make_stream, train
 
 
 def base_config(pipe, data, out, **kw):
@@ -123,9 +123,9 @@ def test_fp16_gradient_overflow_is_left_to_the_grad_scaler(sd_dir, pairs_parquet
     (three in a row would end an SD 1.5 run at step 3). Accelerate sets up no GradScaler on CPU, so the
     test installs one where accelerate would. It then poisons two steps' gradients with inf.
     """
-    from dpo_tutorial.train import _optimizer_step, _setup
+    from dpo_tutorial.train import optimizer_step, setup_run
 
-    run = _setup(base_config(sd_dir, pairs_parquet, tmp_path, max_steps=10, lr=1e-2))
+    run = setup_run(base_config(sd_dir, pairs_parquet, tmp_path, max_steps=10, lr=1e-2))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
     run.accelerator.scaler = scaler  # then wrap the optimizer again, as prepare() does when it has a scaler
     run.accelerator._optimizers.clear()
@@ -135,7 +135,7 @@ def test_fp16_gradient_overflow_is_left_to_the_grad_scaler(sd_dir, pairs_parquet
     batches, seen = iter(run.stream), []
     while poisoned_steps:
         before = [p.detach().clone() for p in run.params]
-        _, updated, finite = _optimizer_step(run, batches)
+        _, updated, finite = optimizer_step(run, batches)
         moved = any(not torch.equal(b, p) for b, p in zip(before, run.params))
         seen.append((updated, finite, moved, scaler.get_scale()))
         poisoned_steps.pop(0)
@@ -184,7 +184,7 @@ def test_streamed_data_is_split_across_processes(pairs_parquet, tmp_path):
     cfg = TrainConfig(pretrained="x", dataset=str(pairs_parquet), streaming=True, resolution=32, batch_size=1)
     ranks = []
     for rank in (0, 1):
-        stream = _stream(cfg, rank, 2)
+        stream = make_stream(cfg, rank, 2)
         ids = [row["ranking_id"] for row in stream.dataset]
         ranks.append(ids)
     assert not set(ranks[0]) & set(ranks[1]) and len(ranks[0]) + len(ranks[1]) == 17

@@ -9,7 +9,8 @@ import torch
 from dpo_tutorial.config import ConfigError, TrainConfig, get_preset
 from dpo_tutorial.data import PairStream, PairTransform, load_pickapic
 from dpo_tutorial.models import add_lora, load_parts
-from dpo_tutorial.train import History, dpo_step, train
+from dpo_tutorial.step import dpo_step
+from dpo_tutorial.train import History, train
 
 
 def config(pipe, data, out, **kw):
