@@ -77,13 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_train(args: argparse.Namespace) -> int:
     """``dpo-tutorial train``: print where the artefacts went and the last metrics."""
+    from .summary import format_summary
     from .train import train
 
     config = config_from_args(args)
     history = train(config)
-    if history.records:
-        last = history.records[-1]
-        print(f"done: {len(history)} steps, loss {last['loss']:.4f}, implicit accuracy {last['implicit_acc']:.3f}")
+    print(f"done: {len(history)} steps")
+    for line in format_summary(history.summary):
+        print(line)
     print(f"artefacts in {config.output_dir}" + (f"; LoRA: {history.lora_path}" if history.lora_path else ""))
     return 0
 

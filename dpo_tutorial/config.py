@@ -16,6 +16,16 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 PREDICTION_TYPES = (None, "epsilon", "v_prediction")
 
 
+def is_hub_id(source: str) -> bool:
+    """Whether ``source`` names a Hugging Face Hub repository (``owner/name``) rather than a local path.
+
+    One rule for models and datasets: exactly one ``/``, not starting with ``.``, ``/`` or ``~``, and not
+    a ``.parquet`` file. Anything else is a path, and a path that does not exist is an error.
+    """
+    return (source.count("/") == 1 and not source.startswith((".", "/", "~"))
+            and not source.endswith(".parquet"))
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field, the value and what is expected."""
 
@@ -76,6 +86,9 @@ class TrainConfig:
     num_threads: int | None = _f(None, "CPU threads per process for torch (default: cores / processes)")
     num_processes: int | None = _f(None, "fail unless the launcher started exactly this many processes")
     max_nonfinite_steps: int = _f(5, "stop after this many non-finite (skipped) updates in a row")
+    heldout_split: str | None = _f(None, "at the end, measure the implicit-reward accuracy on this split of the "
+                                         "dataset (e.g. validation; toy preset: validation)")
+    heldout_pairs: int = _f(300, "score at most this many held-out pairs (heldout_split)")
     sample_grid: bool = _f(True, "at the end, write a base-vs-DPO image grid (samples.png)")
     sample_steps: int = _f(25, "denoising steps for the image grid")
     guidance_scale: float = _f(7.5, "classifier-free guidance scale for the image grid")
@@ -107,6 +120,7 @@ class TrainConfig:
             (self.report_to in (None, "tensorboard", "wandb"), "report_to", "tensorboard or wandb"),
             (self.num_threads is None or self.num_threads >= 1, "num_threads", "an integer >= 1"),
             (self.num_processes is None or self.num_processes >= 1, "num_processes", "an integer >= 1"),
+            (self.heldout_pairs >= 1, "heldout_pairs", "an integer >= 1"),
             (self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "an integer >= 1"),
         ]
         for ok, name, expected in checks:
@@ -136,7 +150,7 @@ def _presets() -> dict[str, dict]:
         # the offline default: tiny SD + toy pairs shipped in the package (see dpo_tutorial/toy)
         "toy": dict(pretrained=str(toy.PIPELINE_DIR), dataset=str(toy.PAIRS_DIR), resolution=32, batch_size=32,
                     max_steps=700, lr=5e-3, beta=250.0, rank=8, checkpoint_every=100, checkpoints_total_limit=2,
-                    output_dir="runs/toy",
+                    output_dir="runs/toy", heldout_split="validation",
                     sample_steps=toy.SAMPLE_STEPS, guidance_scale=toy.GUIDANCE_SCALE),
         # SD 1.5 on one Colab GPU. beta 5000 = the diffusers SD script's beta_dpo 2500.
         "sd15": dict(pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -153,7 +167,7 @@ def _presets() -> dict[str, dict]:
     }
 
 
-PRESET_NAMES = ("toy", "sd15", "sdxl")
+PRESET_NAMES = tuple(_presets())
 
 
 def get_preset(name: str = "toy", **overrides) -> TrainConfig:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .config import is_hub_id
+
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
@@ -51,7 +53,7 @@ def check_source(pretrained: str) -> Path | None:
         if not (path / "model_index.json").exists() and not (path / "unet").is_dir():
             raise ModelError(f"{pretrained} is not a diffusers pipeline folder (no model_index.json or unet/)")
         return path
-    if path.exists() or pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1:
+    if path.exists() or not is_hub_id(pretrained):
         raise ModelError(f"model folder {pretrained!r} does not exist: pass a diffusers pipeline folder "
                          "or a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'")
     return None

@@ -40,15 +40,15 @@ def beta_figure(delta_scale: float, betas=(500, 2000, 5000, 20000)):
     return fig
 
 
-def loss_variants_figure(beta: float = 1.0):
+def loss_variants_figure():
     """The sigmoid (paper), hinge and IPO per-pair losses as functions of the logit."""
     plt = _plt()
-    from .loss import dpo_losses
+    from .loss import loss_from_logits
 
     z = torch.linspace(-4, 4, 401)
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for kind in ("sigmoid", "hinge", "ipo"):
-        ax.plot(z, [dpo_losses(v.view(1), beta, kind).item() for v in z], label=kind)
+        ax.plot(z, [loss_from_logits(v.view(1), kind).item() for v in z], label=kind)
     ax.set(xlabel=r"logit $z = -\frac{\beta}{2}$(model_diff − ref_diff)", ylabel="per-pair loss", ylim=(0, 6))
     ax.legend()
     fig.tight_layout()

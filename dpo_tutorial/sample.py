@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .models import DiffusionParts
+from .models import DiffusionParts, reference_mode
 
 
 def make_pipeline(parts: DiffusionParts, unet: torch.nn.Module | None = None):
@@ -63,11 +63,8 @@ def generate(pipe, captions: list[str], seeds: list[int], steps: int = 25, guida
 
 def generate_with_and_without_lora(pipe, captions: list[str], seeds: list[int], **kw) -> tuple[np.ndarray, np.ndarray]:
     """(base images, DPO images): the same captions and seeds with the LoRA adapter off, then on."""
-    pipe.unet.disable_adapters()
-    try:
+    with reference_mode(pipe.unet):
         base = generate(pipe, captions, seeds, **kw)
-    finally:
-        pipe.unet.enable_adapters()
     return base, generate(pipe, captions, seeds, **kw)
 
 

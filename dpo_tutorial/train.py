@@ -29,6 +29,7 @@ from .data import PairStream, PairTransform, load_pickapic
 from .loss import DPOLossOutput
 from .models import DiffusionParts, add_lora, check_source, frozen_copy, load_parts
 from .step import dpo_step
+from .summary import heldout_accuracy, tail_means
 
 METRICS = ("loss", "implicit_acc", "raw_model_loss", "raw_ref_loss", "reward_margin",
            "model_mse_w", "model_mse_l")
@@ -42,6 +43,7 @@ class History:
     output_dir: str = ""
     lora_path: str | None = None
     data_summary: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)  # the closing report (dpo_tutorial.summary), also summary.json
 
     def __getitem__(self, key: str) -> list:
         """All logged values of ``key``, in step order (e.g. ``history["loss"]``)."""
@@ -367,7 +369,8 @@ def train(config: TrainConfig) -> History:
     launch`` / ``torchrun`` (effective batch = ``batch_size * grad_accum * processes`` pairs; only the
     main process logs, checkpoints and exports). Artefacts in ``config.output_dir``: ``history.jsonl``,
     ``config.json``, ``checkpoint-<step>/``, ``pytorch_lora_weights.safetensors`` (or ``unet/`` for a
-    full fine-tune), ``data_summary.json`` and, for LoRA runs, ``samples.png`` (top: base, bottom: DPO).
+    full fine-tune), ``data_summary.json``, ``summary.json`` (:mod:`dpo_tutorial.summary`: the last 10%
+    of steps averaged, and the held-out implicit-reward accuracy when ``heldout_split`` is set) and, for LoRA runs, ``samples.png`` (top: base, bottom: DPO).
     A non-finite loss or gradient skips that update; ``max_nonfinite_steps`` in a row save a checkpoint
     and stop with ``FloatingPointError`` (under fp16, overflowing gradients are the GradScaler's to skip).
     """
@@ -419,6 +422,10 @@ def _finish(unet, parts: DiffusionParts, config: TrainConfig, history: History, 
     else:
         history.lora_path = str(export_lora(unet, out, parts.is_sdxl))
     (out / "data_summary.json").write_text(json.dumps(history.data_summary, indent=1))
+    history.summary = tail_means(history.records)
+    if config.heldout_split and not config.full_finetune:
+        history.summary.update(heldout_accuracy(parts, unet, config))
+    (out / "summary.json").write_text(json.dumps(history.summary, indent=1))
     if config.sample_grid and not config.full_finetune and captions:
         from .sample import generate_with_and_without_lora, image_grid, make_pipeline
 

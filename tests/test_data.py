@@ -8,7 +8,7 @@ import torch
 from conftest import make_rows, solid
 from dpo_tutorial.data import (DataError, PairStream, PairTransform, collate_pairs, decode_image, load_pickapic,
                                make_example, pair_order)
-from dpo_tutorial.fixtures import encode_image, pickapic_arrow_schema, pickapic_row, write_pickapic_parquet
+from dpo_tutorial.pickapic import encode_image, pickapic_arrow_schema, pickapic_row, write_pickapic_parquet
 
 
 def mean_rgb(x):

@@ -70,7 +70,7 @@ def test_assets_are_small():
 @pytest.mark.parametrize("split", ["train", "validation", "test"])
 def test_shipped_pairs_pass_the_core_loader_with_their_tie_count(split):
     from dpo_tutorial.data import PairStream, PairTransform, load_pickapic
-    from dpo_tutorial.fixtures import pickapic_arrow_schema
+    from dpo_tutorial.pickapic import pickapic_arrow_schema
 
     path = PAIRS_DIR / f"{split}.parquet"
     assert pq.read_schema(path).equals(pickapic_arrow_schema(), check_metadata=False)
