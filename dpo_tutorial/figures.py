@@ -27,7 +27,7 @@ def make_figures(out_dir: str | Path = "figures") -> list[str]:
     from .data import PairStream, PairTransform, load_pickapic
     from .evaluate import load_with_lora
     from .models import reference_mode
-    from .settings import budget
+    from .notebook_env import budget
     from .toy.evaluation import evaluate_toy, heldout_prompts
     from .step import dpo_step
     from .train import train
