@@ -74,6 +74,8 @@ class TrainConfig:
     mixed_precision: str = _f("no", f"one of {', '.join(MIXED_PRECISIONS)}")
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
     channels_last: bool = _f(False, "UNet weights and activations in channels-last layout (GPU convs)")
+    vae_encode_batch_size: int = _f(8, "images per VAE encoder call (memory: ~0.5 GB each at 512 px in fp32)")
+    prefetch: int = _f(2, "batches decoded and transformed ahead, in a background thread (0: in the loop)")
     compile_unet: bool = _f(False, "torch.compile the UNet: toy on 2 CPU cores ~2 min to compile once, then "
                                    "~1.3x faster steps (benchmarks/README.md)")
     allow_tf32: bool = _f(False, "TF32 matmuls/convs on Ampere+ GPUs")
@@ -120,6 +122,8 @@ class TrainConfig:
             (self.report_to in (None, "tensorboard", "wandb"), "report_to", "tensorboard or wandb"),
             (self.num_threads is None or self.num_threads >= 1, "num_threads", "an integer >= 1"),
             (self.num_processes is None or self.num_processes >= 1, "num_processes", "an integer >= 1"),
+            (self.vae_encode_batch_size >= 1, "vae_encode_batch_size", "an integer >= 1"),
+            (self.prefetch >= 0, "prefetch", "an integer >= 0"),
             (self.heldout_pairs >= 1, "heldout_pairs", "an integer >= 1"),
             (self.max_nonfinite_steps >= 1, "max_nonfinite_steps", "an integer >= 1"),
         ]

@@ -33,6 +33,7 @@ class DiffusionParts:
     unet: torch.nn.Module
     noise_scheduler: object
     is_sdxl: bool
+    vae_encode_batch_size: int = 8  # images per VAE encoder call (the diffusers script's default)
 
     def to(self, device: str | torch.device) -> "DiffusionParts":
         """Move the VAE, text encoders and UNet to ``device`` (in place); return self."""
@@ -182,12 +183,19 @@ def sdxl_time_ids(original_sizes: torch.Tensor, crop_top_lefts: torch.Tensor, re
 
 
 @torch.no_grad()
-def encode_images(vae: torch.nn.Module, pixel_values: torch.Tensor,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """``(N, 3, H, W)`` pixels in [-1, 1] -> ``(N, C, H/f, W/f)`` scaled latents sampled from the VAE posterior."""
-    pixel_values = pixel_values.to(device=vae.device, dtype=vae.dtype)
-    latents = vae.encode(pixel_values).latent_dist.sample(generator)
-    return latents * vae.config.scaling_factor
+def encode_images(vae: torch.nn.Module, pixel_values: torch.Tensor, generator: torch.Generator | None = None,
+                  batch_size: int | None = 8) -> torch.Tensor:
+    """``(N, 3, H, W)`` pixels in [-1, 1] -> ``(N, C, H/f, W/f)`` scaled latents sampled from the VAE posterior.
+
+    Encodes ``batch_size`` images per call (``None``: all at once): the encoder's activations at 512 px
+    take ~0.5 GB per image in fp32, so 128 images in one call would not fit a 16 GB GPU.
+    """
+    step = batch_size or pixel_values.shape[0]
+    chunks = []
+    for start in range(0, pixel_values.shape[0], step):
+        pixels = pixel_values[start:start + step].to(device=vae.device, dtype=vae.dtype)
+        chunks.append(vae.encode(pixels).latent_dist.sample(generator))  # (b, C, h, w)
+    return torch.cat(chunks) * vae.config.scaling_factor
 
 
 def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

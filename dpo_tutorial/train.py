@@ -28,6 +28,7 @@ from .config import ConfigError, TrainConfig
 from .data import PairStream, PairTransform, load_pickapic
 from .loss import DPOLossOutput
 from .models import DiffusionParts, add_lora, check_source, frozen_copy, load_parts
+from .prefetch import Prefetcher
 from .step import dpo_step
 from .summary import heldout_accuracy, tail_means
 
@@ -220,6 +221,7 @@ class TrainingRun:
     generator: torch.Generator
     out: Path
     history: History
+    batches: Prefetcher | None = None  # set by train(): the stream, read ahead in a background thread
 
 
 def setup_run(config: TrainConfig) -> TrainingRun:
@@ -240,6 +242,7 @@ def setup_run(config: TrainConfig) -> TrainingRun:
     check_source(config.pretrained)  # cheap checks first: a typo fails before anything heavy loads
     stream = make_stream(config, accelerator.process_index, accelerator.num_processes)
     parts = load_parts(config.pretrained, config.vae, config.prediction_type)
+    parts.vae_encode_batch_size = config.vae_encode_batch_size
     params, ref_unet = _prepare_model(parts, config, weight_dtype)
     for module in (parts.vae, *parts.text_encoders, *([ref_unet] if ref_unet is not None else [])):
         module.to(accelerator.device)
@@ -341,10 +344,12 @@ def _gradients_finite(run: TrainingRun) -> bool:
     return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in run.params)
 
 
-def _log(run: TrainingRun, step: int, outs: list[DPOLossOutput], updated: bool, seconds: float, bar) -> None:
+def _log(run: TrainingRun, step: int, outs: list[DPOLossOutput], updated: bool, seconds: float, bar,
+         data_seconds: float = 0.0) -> None:
+    """Append the step's record to ``history.jsonl`` (``data_seconds``: time the step waited for its batches)."""
     record = {"step": step, **_mean_metrics(outs, run.accelerator), "lr": run.lr_scheduler.get_last_lr()[0],
               "skipped_update": not updated, "skipped_pairs": sum(run.stream.skipped.values()),
-              "seconds": round(seconds, 3)}
+              "seconds": round(seconds, 3), "data_seconds": round(data_seconds, 4)}
     if run.accelerator.is_main_process:
         _append_jsonl(run.out / "history.jsonl", record)
         run.history.records.append(record)
@@ -357,7 +362,7 @@ def _save(run: TrainingRun, step: int) -> None:
     acc = run.accelerator
     ckpt.save_checkpoint(run.out, step, trainable=_trainable_state(acc.unwrap_model(run.unet)),
                          optimizer=run.optimizer, lr_scheduler=run.lr_scheduler, generator=run.generator,
-                         data_state=run.stream.state_dict(), extra={"config": run.config.to_dict()},
+                         data_state=(run.batches or run.stream).state_dict(), extra={"config": run.config.to_dict()},
                          rank=acc.process_index, world_size=acc.num_processes, barrier=acc.wait_for_everyone,
                          limit=run.config.checkpoints_total_limit)
 
@@ -374,18 +379,34 @@ def train(config: TrainConfig) -> History:
     A non-finite loss or gradient skips that update; ``max_nonfinite_steps`` in a row save a checkpoint
     and stop with ``FloatingPointError`` (under fp16, overflowing gradients are the GradScaler's to skip).
     """
-    from tqdm.auto import tqdm
-
     run = setup_run(config)
     start_step = _resume_and_open_logs(run)
-    batches = iter(run.stream)
+    run.batches = Prefetcher(run.stream, config.prefetch)
+    try:
+        _loop(run, start_step)
+    finally:
+        run.batches.close()
+    run.history.data_summary = _data_summary(run.stream)
+    if run.accelerator.is_main_process:
+        _finish(run.accelerator.unwrap_model(run.unet), run.parts, config, run.history, run.stream.first_captions)
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
+    return run.history
+
+
+def _loop(run: TrainingRun, start_step: int) -> None:
+    """Optimizer steps ``start_step + 1 .. max_steps``: update, log, checkpoint, stop on repeated non-finite."""
+    from tqdm.auto import tqdm
+
+    config, batches = run.config, run.batches
     bar = tqdm(range(start_step, config.max_steps), initial=start_step, total=config.max_steps,
                desc="Diffusion-DPO", disable=not run.accelerator.is_local_main_process)
     t0, bad_in_a_row = time.perf_counter(), 0
     for step in bar:
+        waited = batches.total_wait
         outs, updated, finite = optimizer_step(run, batches)
         bad_in_a_row = 0 if finite else bad_in_a_row + 1
-        _log(run, step + 1, outs, updated, time.perf_counter() - t0, bar)
+        _log(run, step + 1, outs, updated, time.perf_counter() - t0, bar, batches.total_wait - waited)
         stop = bad_in_a_row >= config.max_nonfinite_steps
         if stop or step + 1 == config.max_steps or (
                 config.checkpoint_every and (step + 1) % config.checkpoint_every == 0):
@@ -395,12 +416,6 @@ def train(config: TrainConfig) -> History:
                 f"{bad_in_a_row} optimizer steps in a row had a non-finite loss or gradient (last at step "
                 f"{step + 1}); the learning rate ({config.lr}) or beta ({config.beta}) is probably too large, "
                 f"or fp16 overflowed (try bf16). Checkpoint saved in {run.out}")
-    run.history.data_summary = _data_summary(run.stream)
-    if run.accelerator.is_main_process:
-        _finish(run.accelerator.unwrap_model(run.unet), run.parts, config, run.history, run.stream.first_captions)
-    run.accelerator.wait_for_everyone()
-    run.accelerator.end_training()
-    return run.history
 
 
 def _data_summary(stream: PairStream) -> dict:

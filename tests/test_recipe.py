@@ -36,6 +36,7 @@ def test_train_closes_with_averages_and_heldout_accuracy(sd_dir, pairs_parquet, 
     records = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tail_steps"] == 1 and summary["loss"] == pytest.approx(records[-1]["loss"])
+    assert all(0.0 <= r["data_seconds"] < r["seconds"] for r in records)  # waits for data, logged per step
     assert summary["heldout_pairs"] == 6 and 0.0 <= summary["heldout_implicit_acc"] <= 1.0
     assert printed[-3].startswith("last 1 steps (mean)") and printed[-2].startswith("held-out implicit-reward")
     assert not any(line.startswith("done:") and "implicit accuracy" in line for line in printed)
