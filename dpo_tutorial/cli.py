@@ -100,14 +100,34 @@ def build_parser(preset: str = "toy") -> argparse.ArgumentParser:
 
 def run_train(args: argparse.Namespace) -> int:
     """``dpo-tutorial train``: print where the artefacts went and the last metrics."""
+    from .rerun import plan_rerun
     from .train import train
 
-    config = config_from_args(args)
+    plan = plan_rerun(config_from_args(args))
+    if plan.message:
+        print(plan.message.rstrip("\n"))
+    if plan.action == "finished":
+        return report_finished(plan.config)
+    config = plan.config
     history = train(config)
     if history.records:
         last = history.records[-1]
         print(f"done: {len(history)} steps, loss {last['loss']:.4f}, implicit accuracy {last['implicit_acc']:.3f}")
     print(f"artefacts in {config.output_dir}" + (f"; LoRA: {history.lora_path}" if history.lora_path else ""))
+    return 0
+
+
+def report_finished(config: TrainConfig) -> int:
+    """Say that ``config.output_dir`` already holds this very run, finished, and what to do next."""
+    from .train import History
+
+    history = History.load(config.output_dir)
+    last = history.records[-1] if history.records else {}
+    metrics = (f", loss {last['loss']:.4f}, implicit accuracy {last['implicit_acc']:.3f}"
+               if "loss" in last and "implicit_acc" in last else "")
+    print(f"{config.output_dir} already holds this run, finished ({config.max_steps} steps{metrics}): nothing to "
+          f"train.\nEvaluate it: dpo-tutorial evaluate --lora {config.output_dir}\nTrain it again from scratch: "
+          f"delete {config.output_dir} or pass another --output-dir")
     return 0
 
 

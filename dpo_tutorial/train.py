@@ -90,8 +90,8 @@ def set_threads(threads: int) -> None:
 
 def _check_output_dir(config: TrainConfig) -> None:
     if ckpt.list_checkpoints(config.output_dir) and not config.resume:
-        raise ConfigError(f"output dir {config.output_dir!r} already holds checkpoints of another run: pass "
-                          "--resume latest to continue it, or choose a new --output-dir")
+        raise ConfigError(f"output dir {config.output_dir!r} already holds checkpoints (of a run started "
+                          "earlier): pass --resume latest to continue it, or choose a new --output-dir")
 
 
 def _prepare_model(parts: DiffusionParts, config: TrainConfig, weight_dtype: torch.dtype):
