@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .hub import check_hub_reachable
+
 PICKAPIC_SCHEMA = {
     "are_different": "bool", "best_image_uid": "string", "caption": "string",
     "created_at": "timestamp[ns]", "has_label": "bool", "image_0_uid": "string",
@@ -73,6 +75,7 @@ def load_pickapic(source: str, split: str = "train", streaming: bool = False):
         if files is not None:
             ds = datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming)
         else:
+            check_hub_reachable(f"dataset {source!r}")  # fails at once offline instead of retrying
             ds = datasets.load_dataset(source, split=split, streaming=streaming)
     except (ConnectionError, OSError) as err:
         raise DataError(f"could not load dataset {source!r} split {split!r} from the Hugging Face Hub "
