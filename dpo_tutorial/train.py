@@ -420,7 +420,7 @@ def _finish(unet, parts: DiffusionParts, config: TrainConfig, history: History, 
         history.lora_path = str(export_lora(unet, out, parts.is_sdxl))
     (out / "data_summary.json").write_text(json.dumps(history.data_summary, indent=1))
     if config.sample_grid and not config.full_finetune and captions:
-        from .sample import generate_with_and_without_lora, image_grid, make_pipeline
+        from .sample import generate_with_and_without_lora, labelled_grid, make_pipeline
 
         unet.eval()
         caps = list(dict.fromkeys(captions))[:4]
@@ -428,4 +428,5 @@ def _finish(unet, parts: DiffusionParts, config: TrainConfig, history: History, 
         base, dpo = generate_with_and_without_lora(make_pipeline(parts, unet), caps, seeds,
                                                    steps=config.sample_steps, guidance_scale=config.guidance_scale,
                                                    resolution=config.resolution)
-        image_grid([base, dpo], scale=max(1, 128 // config.resolution)).save(out / "samples.png")
+        labelled_grid([base, dpo], ["base", "DPO"], caps, scale=max(1, 128 // config.resolution)).save(
+            out / "samples.png")
