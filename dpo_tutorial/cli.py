@@ -22,13 +22,24 @@ def _flag_type(hint):
     return hint
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One ``--kebab-case`` flag per :class:`TrainConfig` field, defaulting to 'not given'."""
+def _shown(value, none_text: str) -> str:
+    """A default as ``--help`` shows it (``%`` escaped for argparse); ``None`` as the field's ``none`` text."""
+    text = none_text if value is None else repr(value)
+    return text.replace("%", "%%")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, preset: str = "toy") -> None:
+    """One ``--kebab-case`` flag per :class:`TrainConfig` field, defaulting to 'not given'.
+
+    The help shows the value that runs when the flag is left out: the field's value in ``preset``.
+    """
     hints = typing.get_type_hints(TrainConfig)
+    values = get_preset(preset).to_dict()
     for f in dataclasses.fields(TrainConfig):
         kind = _flag_type(hints[f.name])
         name = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata.get('help', '')} (default: from the preset, else {f.default!r})"
+        shown = _shown(values[f.name], f.metadata.get("none", "not set"))
+        help_text = f"{f.metadata.get('help', '')} ({preset} preset: {shown})"
         if kind is bool:
             parser.add_argument(name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)
@@ -44,22 +55,34 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return get_preset(args.preset, **overrides)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full ``dpo-tutorial`` argument parser."""
+def chosen_preset(argv: list[str]) -> str:
+    """The ``--preset`` named in ``argv`` (``toy`` when absent or not a preset name), read before the full parse
+    so that ``--help`` can show that preset's values."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="toy")
+    found = pre.parse_known_args(argv)[0].preset
+    return found if found in PRESET_NAMES else "toy"
+
+
+def build_parser(preset: str = "toy") -> argparse.ArgumentParser:
+    """The full ``dpo-tutorial`` argument parser; the train/cache flags' help shows ``preset``'s values."""
+    shown = (f"Each flag's help shows the value --preset {preset} runs when the flag is left out; "
+             "`dpo-tutorial train --preset sd15 --help` shows another preset's.")
     parser = argparse.ArgumentParser(prog="dpo-tutorial", description="Diffusion-DPO, taught and run for real.")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="fine-tune a LoRA with Diffusion-DPO",
                            description="Fine-tune a LoRA (or the UNet) with Diffusion-DPO. With no flags: the "
-                                       "offline toy preset.")
+                                       "offline toy preset. " + shown)
     train.add_argument("--preset", default="toy", choices=PRESET_NAMES,
                        help="named recipe the other flags override (default: toy, offline)")
-    add_config_flags(train)
+    add_config_flags(train, preset)
     cache = sub.add_parser("cache", help="encode a dataset once (VAE latents + text embeddings) for fast training",
                            description="Encode --dataset/--split for --pretrained at --resolution into a latent "
-                                       "cache; then train with --cache DIR and the same model and resolution.")
+                                       "cache; then train with --cache DIR and the same model and resolution. "
+                                       + shown)
     cache.add_argument("--out", required=True, help="folder to write the cache to")
     cache.add_argument("--preset", default="toy", choices=PRESET_NAMES, help="named recipe the flags override")
-    add_config_flags(cache)
+    add_config_flags(cache, preset)
     ev = sub.add_parser("evaluate", help="base vs DPO on the toy world: judge accuracy, win-rate, implicit accuracy",
                         description="Sample base and DPO images for the same held-out captions and seeds, score "
                                     "them with the toy judge, and measure implicit-reward accuracy on held-out pairs.")
@@ -77,15 +100,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_train(args: argparse.Namespace) -> int:
     """``dpo-tutorial train``: print where the artefacts went and the last metrics."""
+    from .rerun import plan_rerun
     from .summary import format_summary
     from .train import train
 
-    config = config_from_args(args)
+    plan = plan_rerun(config_from_args(args))
+    if plan.message:
+        print(plan.message.rstrip("\n"))
+    if plan.action == "finished":
+        return report_finished(plan.config)
+    config = plan.config
     history = train(config)
     print(f"done: {len(history)} steps")
     for line in format_summary(history.summary):
         print(line)
     print(f"artefacts in {config.output_dir}" + (f"; LoRA: {history.lora_path}" if history.lora_path else ""))
+    return 0
+
+
+def report_finished(config: TrainConfig) -> int:
+    """Say that ``config.output_dir`` already holds this very run, finished, and what to do next."""
+    from .train import History
+
+    history = History.load(config.output_dir)
+    last = history.records[-1] if history.records else {}
+    metrics = (f", loss {last['loss']:.4f}, implicit accuracy {last['implicit_acc']:.3f}"
+               if "loss" in last and "implicit_acc" in last else "")
+    print(f"{config.output_dir} already holds this run, finished ({config.max_steps} steps{metrics}): nothing to "
+          f"train.\nEvaluate it: dpo-tutorial evaluate --lora {config.output_dir}\nTrain it again from scratch: "
+          f"delete {config.output_dir} or pass another --output-dir")
     return 0
 
 
@@ -148,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .models import ModelError
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(chosen_preset(argv)).parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, DataError, ModelError, FileNotFoundError) as err:

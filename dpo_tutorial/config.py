@@ -16,21 +16,12 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 PREDICTION_TYPES = (None, "epsilon", "v_prediction")
 
 
-def is_hub_id(source: str) -> bool:
-    """Whether ``source`` names a Hugging Face Hub repository (``owner/name``) rather than a local path.
-
-    One rule for models and datasets: exactly one ``/``, not starting with ``.``, ``/`` or ``~``, and not
-    a ``.parquet`` file. Anything else is a path, and a path that does not exist is an error.
-    """
-    return (source.count("/") == 1 and not source.startswith((".", "/", "~"))
-            and not source.endswith(".parquet"))
-
-
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field, the value and what is expected."""
 
 
 def _f(default, help: str, **kw):
+    """A field with its ``--help`` text; ``none=`` says what a ``None`` default means."""
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -40,12 +31,15 @@ class TrainConfig:
 
     # what to train on
     pretrained: str = _f("", "diffusers pipeline folder or hub id (SD 1.x/2.x or SDXL)")
-    vae: str | None = _f(None, "optional separate VAE folder or hub id (e.g. the SDXL fp16-fix VAE)")
+    vae: str | None = _f(None, "optional separate VAE folder or hub id (e.g. the SDXL fp16-fix VAE)",
+                           none="the pipeline's")
     dataset: str = _f("", "Pick-a-Pic-format data: hub id, folder of parquet files, or a .parquet file")
     split: str = _f("train", "dataset split to train on")
     streaming: bool = _f(False, "stream the dataset instead of loading it (for the 335 GB Pick-a-Pic v2)")
-    max_train_pairs: int | None = _f(None, "use at most this many pairs (after tie removal)")
-    cache: str | None = _f(None, "train from a latent cache folder made by `dpo-tutorial cache` (same model)")
+    max_train_pairs: int | None = _f(None, "use at most this many pairs (after tie removal)",
+                                   none="all")
+    cache: str | None = _f(None, "train from a latent cache folder made by `dpo-tutorial cache` (same model)",
+                             none="no cache")
     output_dir: str = _f("runs/dpo", "where the LoRA, history.jsonl and checkpoints go")
     # the DPO objective
     beta: float = _f(5000.0, "the paper's beta (diffusers SD script's beta_dpo is half of it)")
@@ -62,14 +56,15 @@ class TrainConfig:
     use_8bit_adam: bool = _f(False, "bitsandbytes 8-bit AdamW (needs bitsandbytes and a GPU)")
     # what is trained
     rank: int = _f(8, "LoRA rank")
-    lora_alpha: int | None = _f(None, "LoRA alpha (default: equal to rank)")
+    lora_alpha: int | None = _f(None, "LoRA alpha", none="equal to rank")
     full_finetune: bool = _f(False, "train the whole UNet against a frozen copy (the paper's setting)")
     # images and captions
     resolution: int = _f(512, "training resolution in pixels (multiple of 8)")
     random_crop: bool = _f(False, "random instead of center crop (same window for both images)")
     random_flip: bool = _f(True, "horizontal flip with p=0.5 (same flip for both images)")
     empty_prompt_prob: float = _f(0.0, "probability of replacing a caption by '' (official code: 0.2)")
-    prediction_type: str | None = _f(None, "override the scheduler's prediction type (epsilon / v_prediction)")
+    prediction_type: str | None = _f(None, "override the scheduler's prediction type (epsilon / v_prediction)",
+                                      none="the scheduler's")
     # speed and memory
     mixed_precision: str = _f("no", f"one of {', '.join(MIXED_PRECISIONS)}")
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
@@ -82,11 +77,14 @@ class TrainConfig:
     # bookkeeping
     seed: int = _f(0, "random seed (data order, noise, timesteps, LoRA init)")
     checkpoint_every: int = _f(0, "save a resumable checkpoint every N steps (0: only at the end)")
-    checkpoints_total_limit: int | None = _f(None, "keep at most this many checkpoints")
-    resume: str | None = _f(None, "'latest' or a checkpoint folder to resume from")
-    report_to: str | None = _f(None, "also log to 'tensorboard' or 'wandb' through accelerate")
-    num_threads: int | None = _f(None, "CPU threads per process for torch (default: cores / processes)")
-    num_processes: int | None = _f(None, "fail unless the launcher started exactly this many processes")
+    checkpoints_total_limit: int | None = _f(None, "keep at most this many checkpoints", none="keep all")
+    resume: str | None = _f(None, "'latest' or a checkpoint folder to resume from", none="start fresh")
+    report_to: str | None = _f(None, "also log to 'tensorboard' or 'wandb' through accelerate",
+                                none="history.jsonl only")
+    num_threads: int | None = _f(None, "CPU threads per process for torch",
+                                 none="OMP_NUM_THREADS, else cores / processes")
+    num_processes: int | None = _f(None, "fail unless the launcher started exactly this many processes",
+                                    none="any number")
     max_nonfinite_steps: int = _f(5, "stop after this many non-finite (skipped) updates in a row")
     heldout_split: str | None = _f(None, "at the end, measure the implicit-reward accuracy on this split of the "
                                          "dataset (e.g. validation; toy preset: validation)")

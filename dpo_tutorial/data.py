@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import is_hub_id
+from .hub import check_hub_reachable, is_hub_id
 from .pickapic import REQUIRED_COLUMNS, schema_text
 
 
@@ -62,6 +62,7 @@ def load_pickapic(source: str, split: str = "train", streaming: bool = False):
         if files is not None:
             ds = datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming)
         else:
+            check_hub_reachable(f"dataset {source!r}")  # fails at once offline instead of retrying
             ds = datasets.load_dataset(source, split=split, streaming=streaming)
     except (ConnectionError, OSError) as err:
         raise DataError(f"could not load dataset {source!r} split {split!r} from the Hugging Face Hub "

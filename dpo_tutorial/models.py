@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .config import is_hub_id
+from .hub import check_hub_reachable, is_hub_id
 
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 
@@ -67,6 +67,7 @@ def _model_index(pretrained: str, local: Path | None) -> dict:
     from huggingface_hub import hf_hub_download
 
     try:
+        check_hub_reachable(f"model {pretrained!r}")  # fails at once offline instead of retrying
         return json.loads(Path(hf_hub_download(pretrained, "model_index.json")).read_text())
     except Exception as err:  # offline, unknown repo, gated repo...
         raise ModelError(f"could not fetch {pretrained!r} from the Hugging Face Hub ({type(err).__name__}). "

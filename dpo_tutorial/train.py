@@ -93,8 +93,8 @@ def set_threads(threads: int) -> None:
 
 def _check_output_dir(config: TrainConfig) -> None:
     if ckpt.list_checkpoints(config.output_dir) and not config.resume:
-        raise ConfigError(f"output dir {config.output_dir!r} already holds checkpoints of another run: pass "
-                          "--resume latest to continue it, or choose a new --output-dir")
+        raise ConfigError(f"output dir {config.output_dir!r} already holds checkpoints (of a run started "
+                          "earlier): pass --resume latest to continue it, or choose a new --output-dir")
 
 
 def _prepare_model(parts: DiffusionParts, config: TrainConfig, weight_dtype: torch.dtype):
@@ -442,7 +442,7 @@ def _finish(unet, parts: DiffusionParts, config: TrainConfig, history: History, 
         history.summary.update(heldout_accuracy(parts, unet, config))
     (out / "summary.json").write_text(json.dumps(history.summary, indent=1))
     if config.sample_grid and not config.full_finetune and captions:
-        from .sample import generate_with_and_without_lora, image_grid, make_pipeline
+        from .sample import generate_with_and_without_lora, labelled_grid, make_pipeline
 
         unet.eval()
         caps = list(dict.fromkeys(captions))[:4]
@@ -450,4 +450,5 @@ def _finish(unet, parts: DiffusionParts, config: TrainConfig, history: History, 
         base, dpo = generate_with_and_without_lora(make_pipeline(parts, unet), caps, seeds,
                                                    steps=config.sample_steps, guidance_scale=config.guidance_scale,
                                                    resolution=config.resolution)
-        image_grid([base, dpo], scale=max(1, 128 // config.resolution)).save(out / "samples.png")
+        labelled_grid([base, dpo], ["base", "DPO"], caps, scale=max(1, 128 // config.resolution)).save(
+            out / "samples.png")

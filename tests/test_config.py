@@ -79,6 +79,26 @@ def test_every_config_field_is_a_flag_that_reaches_the_config():
         assert others == [], (f.name, others)
 
 
+def _flag_help(argv: list[str], flag: str) -> str:
+    """The help text of ``flag`` in ``dpo-tutorial <argv> --help``, parsed the way ``main`` parses it."""
+    from dpo_tutorial.cli import chosen_preset
+
+    parser = build_parser(chosen_preset(argv))
+    sub = parser._subparsers._group_actions[0].choices[argv[0]]
+    action = next(a for a in sub._actions if flag in a.option_strings)
+    return action.help % {}
+
+
+@pytest.mark.parametrize("argv,preset", [(["train"], "toy"), (["train", "--preset", "sd15"], "sd15"),
+                                         (["train", "--preset=sdxl"], "sdxl"), (["cache", "--preset", "sd15"], "sd15")])
+def test_help_shows_the_values_the_chosen_preset_runs(argv, preset):
+    values = get_preset(preset)
+    assert _flag_help(argv, "--beta").endswith(f"({preset} preset: {values.beta!r})")
+    assert _flag_help(argv, "--lr").endswith(f"({preset} preset: {values.lr!r})")
+    assert _flag_help(argv, "--lora-alpha") == f"LoRA alpha ({preset} preset: equal to rank)"
+    assert "else" not in _flag_help(argv, "--max-steps")
+
+
 def test_cli_bad_flag_value_is_one_line_error():
     proc = subprocess.run([sys.executable, "-m", "dpo_tutorial.cli", "train", "--resolution", "100"],
                           capture_output=True, text=True, timeout=120)
