@@ -59,7 +59,7 @@ install-dev: install-torch
 	$(PIP) install -e ".[dev]"
 
 train: install
-	$(CLI) train $(ARGS)
+	$(CLI) train --evaluate $(ARGS)
 
 test: install-dev
 	DPO_TUTORIAL_FAST=$(FAST) $(PYTHON) -m pytest -q --nbmake --nbmake-timeout=600 tests notebooks

@@ -75,6 +75,9 @@ def build_parser(preset: str = "toy") -> argparse.ArgumentParser:
                                        "offline toy preset. " + shown)
     train.add_argument("--preset", default="toy", choices=PRESET_NAMES,
                        help="named recipe the other flags override (default: toy, offline)")
+    train.add_argument("--evaluate", action="store_true",
+                       help="toy world: after training, measure base vs DPO on held-out prompts (win-rate, "
+                            "judge accuracy; ~30 s), as `dpo-tutorial evaluate` does (make train passes it)")
     add_config_flags(train, preset)
     cache = sub.add_parser("cache", help="encode a dataset once (VAE latents + text embeddings) for fast training",
                            description="Encode --dataset/--split for --pretrained at --resolution into a latent "
@@ -107,29 +110,57 @@ def run_train(args: argparse.Namespace) -> int:
     plan = plan_rerun(config_from_args(args))
     if plan.message:
         print(plan.message.rstrip("\n"))
-    if plan.action == "finished":
-        return report_finished(plan.config)
     config = plan.config
-    history = train(config)
-    print(f"done: {len(history)} steps")
-    for line in format_summary(history.summary):
-        print(line)
-    print(f"artefacts in {config.output_dir}" + (f"; LoRA: {history.lora_path}" if history.lora_path else ""))
+    if plan.action == "finished":
+        report_finished(config)
+    else:
+        history = train(config)
+        print(f"done: {len(history)} steps")
+        for line in format_summary(history.summary):
+            print(line)
+        print(f"artefacts in {config.output_dir}" + (f"; LoRA: {history.lora_path}" if history.lora_path else ""))
+    if getattr(args, "evaluate", False):
+        evaluate_after_training(config)
     return 0
 
 
-def report_finished(config: TrainConfig) -> int:
-    """Say that ``config.output_dir`` already holds this very run, finished, and what to do next."""
+def report_finished(config: TrainConfig) -> None:
+    """Say that ``config.output_dir`` already holds this very run, finished, with its closing report."""
+    import json
+    from pathlib import Path
+
+    from .summary import format_summary, tail_means
     from .train import History
 
-    history = History.load(config.output_dir)
-    last = history.records[-1] if history.records else {}
-    metrics = (f", loss {last['loss']:.4f}, implicit accuracy {last['implicit_acc']:.3f}"
-               if "loss" in last and "implicit_acc" in last else "")
-    print(f"{config.output_dir} already holds this run, finished ({config.max_steps} steps{metrics}): nothing to "
-          f"train.\nEvaluate it: dpo-tutorial evaluate --lora {config.output_dir}\nTrain it again from scratch: "
+    path = Path(config.output_dir) / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else tail_means(History.load(config.output_dir).records)
+    print(f"{config.output_dir} already holds this run, finished ({config.max_steps} steps): nothing to train.")
+    for line in format_summary(summary):
+        print(line)
+    print(f"Evaluate it: dpo-tutorial evaluate --lora {config.output_dir}\nTrain it again from scratch: "
           f"delete {config.output_dir} or pass another --output-dir")
-    return 0
+
+
+def is_toy_run(config: TrainConfig) -> bool:
+    """Whether ``config`` trains the shipped toy model on the shipped toy pairs (the toy judge can score it)."""
+    from pathlib import Path
+
+    from .toy import PAIRS_DIR, PIPELINE_DIR
+
+    def same(a: str, b: Path) -> bool:
+        return Path(a).expanduser().resolve() == b.resolve()
+
+    return same(config.pretrained, PIPELINE_DIR) and same(config.dataset, PAIRS_DIR)
+
+
+def evaluate_after_training(config: TrainConfig) -> None:
+    """``train --evaluate``: the toy evaluation of the run just trained (or found finished)."""
+    if config.full_finetune or not is_toy_run(config):
+        print("--evaluate scores the toy world only; for SD 1.5 use notebook 07 (PickScore on validation_unique)")
+        return
+    print(f"measuring the effect on held-out prompts (dpo-tutorial evaluate --lora {config.output_dir}) ...",
+          flush=True)
+    print_toy_evaluation(config.output_dir)
 
 
 def run_cache(args: argparse.Namespace) -> int:
@@ -144,18 +175,25 @@ def run_cache(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """``dpo-tutorial evaluate``: the toy evaluation, as a table or one JSON object."""
-    import json
     from pathlib import Path
-
-    from .toy.evaluation import evaluate_toy
 
     if not (Path(args.lora) / "pytorch_lora_weights.safetensors").exists():
         from .config import ConfigError
         raise ConfigError(f"--lora {args.lora!r} holds no pytorch_lora_weights.safetensors: pass a train output dir")
-    result, _ = evaluate_toy(args.lora, per_caption=args.per_caption, num_draws=args.num_draws)
-    if args.json:
+    print_toy_evaluation(args.lora, args.per_caption, args.num_draws, args.json)
+    return 0
+
+
+def print_toy_evaluation(lora_dir: str, per_caption: int = 40, num_draws: int = 8, as_json: bool = False) -> None:
+    """Evaluate a toy LoRA (:func:`dpo_tutorial.toy.evaluation.evaluate_toy`) and print a table or one JSON line."""
+    import json
+
+    from .toy.evaluation import evaluate_toy
+
+    result, _ = evaluate_toy(lora_dir, per_caption=per_caption, num_draws=num_draws)
+    if as_json:
         print(json.dumps(result.to_dict()))
-        return 0
+        return
     r = result
     print(f"images per model        {r.n}\n"
           f"judge accuracy  base    {r.base_accuracy:.3f}\n"
@@ -163,7 +201,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
           f"win-rate DPO over base  {r.win_rate:.3f}   95% CI [{r.win_rate_ci_low:.3f}, {r.win_rate_ci_high:.3f}]"
           f" (ties count 1/2)\n"
           f"implicit-reward acc.    {r.implicit_acc:.3f}   (held-out test pairs)")
-    return 0
 
 
 def run_toy(args: argparse.Namespace) -> int:

@@ -31,15 +31,25 @@ def test_train_closes_with_averages_and_heldout_accuracy(sd_dir, pairs_parquet, 
     out = tmp_path / "run"
     assert main(["train", "--pretrained", str(sd_dir), "--dataset", str(pairs_parquet), "--output-dir", str(out),
                  "--resolution", "32", "--batch-size", "4", "--max-steps", "10", "--lr", "1e-3", "--beta", "500",
-                 "--rank", "4", "--no-sample-grid", "--heldout-split", "train", "--heldout-pairs", "6"]) == 0
+                 "--rank", "4", "--no-sample-grid", "--heldout-split", "train", "--heldout-pairs", "6", "--evaluate"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()
     records = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tail_steps"] == 1 and summary["loss"] == pytest.approx(records[-1]["loss"])
     assert all(0.0 <= r["data_seconds"] < r["seconds"] for r in records)  # waits for data, logged per step
     assert summary["heldout_pairs"] == 6 and 0.0 <= summary["heldout_implicit_acc"] <= 1.0
-    assert printed[-3].startswith("last 1 steps (mean)") and printed[-2].startswith("held-out implicit-reward")
+    assert printed[-4].startswith("last 1 steps (mean)") and printed[-3].startswith("held-out implicit-reward")
+    assert printed[-1].startswith("--evaluate scores the toy world only")  # not the toy model: no judge for it
     assert not any(line.startswith("done:") and "implicit accuracy" in line for line in printed)
+
+
+@toy_only
+def test_only_the_shipped_toy_model_and_pairs_count_as_a_toy_run(sd_dir):
+    from dpo_tutorial.cli import is_toy_run
+
+    toy = get_preset("toy")
+    assert is_toy_run(toy) and is_toy_run(toy.replace(pretrained=toy.pretrained + "/", lr=1.0))
+    assert not is_toy_run(toy.replace(pretrained=str(sd_dir))) and not is_toy_run(get_preset("sd15"))
 
 
 @toy_only
