@@ -74,8 +74,8 @@ def make_figures(out_dir: str | Path = "figures") -> list[str]:
         delta = (res.model_diff - res.ref_diff).abs().median().item()
         written.append(_save(plots.beta_figure(delta, betas=(cfg.beta / 4, cfg.beta, cfg.beta * 4)), out / "beta.png"))
         with reference_mode(parts.unet):  # the base model's own spread
-            shared = model_diff_draws(parts, parts.unet, batch, budget(64, 8), shared=True)
-            independent = model_diff_draws(parts, parts.unet, batch, budget(64, 8), shared=False)
+            shared = model_diff_draws(parts, parts.unet, batch, budget(64, 8))
+            independent = model_diff_draws(parts, parts.unet, batch, budget(64, 8), False, False)
         centre = lambda d: (d - d.mean(dim=0, keepdim=True)).flatten().numpy()  # noqa: E731
         written.append(_save(plots.spread_figure(centre(shared), centre(independent)), out / "shared_noise.png"))
         per_caption = budget(40, 2)
