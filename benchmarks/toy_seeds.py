@@ -9,10 +9,13 @@ each (the same total work as one seed on two threads, ~1.4x the throughput). The
 order, the noise, the timesteps and the LoRA initialisation, so the spread over seeds stands in for the
 drift between machines (other CPUs take other floating-point paths through the same run).
 
-Prints a Markdown table (the README's comes from it), the mean ± sd, the worst seed, and whether every
-seed passes the thresholds of issue 16: win-rate ≥ 0.65 with CI low > 0.55, judge accuracy gain ≥ 20
-points, implicit-reward accuracy ≥ 0.70, and a mean win-rate ≥ 0.70. Results also go to
-``<out>/seeds.json``.
+Prints a Markdown table, the mean ± sd, the worst seed, and whether every seed passes the thresholds
+of issue 16: win-rate ≥ 0.65 with CI low > 0.55, judge accuracy gain ≥ 20 points, implicit-reward
+accuracy ≥ 0.70, and a mean win-rate ≥ 0.70. Results also go to ``<out>/seeds.json``.
+
+The README's table is this script's output: ``--write-readme README.md`` replaces the block between
+``<!-- toy-seeds:start -->`` and ``<!-- toy-seeds:end -->``; ``--from-json <out>/seeds.json`` rewrites it
+from a finished sweep without training again.
 """
 from __future__ import annotations
 
@@ -93,23 +96,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--workers", type=int, default=2, help="seeds run at once (default 2)")
     parser.add_argument("--out", default="runs/seeds", help="where the runs and seeds.json go")
+    parser.add_argument("--from-json", help="print (and --write-readme) a finished sweep's seeds.json; train nothing")
+    parser.add_argument("--write-readme", help="replace the toy-seeds block of this Markdown file with the table")
     parser.add_argument("train_args", nargs="*", help="extra `dpo-tutorial train` flags, after --")
     args = parser.parse_args(argv)
+    if args.from_json:
+        sweep = json.loads(Path(args.from_json).read_text())
+    else:
+        sweep = run_sweep(args)
+    ok = all(passes(r) for r in sweep["rows"]) and statistics.mean(
+        r["win_rate"] for r in sweep["rows"]) >= THRESHOLDS["mean_win_rate"]
+    report = (f"{len(sweep['rows'])} seeds on {sweep['cpu']}, `dpo-tutorial train` flags: "
+              f"{' '.join(sweep['train_args']) or 'none (the toy preset)'}\n\n{table(sweep['rows'])}\n\n"
+              f"A seed passes with win-rate >= {THRESHOLDS['win_rate']} and CI low > {THRESHOLDS['win_rate_ci_low']}, "
+              f"a judge-accuracy gain >= {THRESHOLDS['gain']:.2f} and implicit-reward accuracy >= "
+              f"{THRESHOLDS['implicit_acc']}. Every seed passes and the mean win-rate is >= "
+              f"{THRESHOLDS['mean_win_rate']}: {'yes' if ok else 'NO'}.")
+    print(report)
+    if args.write_readme:
+        write_block(Path(args.write_readme), report)
+    return 0 if ok else 1
+
+
+def run_sweep(args) -> dict:
+    """Train and evaluate every seed (``args.workers`` at a time); save and return ``seeds.json``'s content."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // args.workers)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(args.workers) as pool:
         rows = list(pool.map(lambda s: run_seed(s, out, args.train_args, threads), args.seeds))
-    mean_win = statistics.mean(r["win_rate"] for r in rows)
-    ok = all(passes(r) for r in rows) and mean_win >= THRESHOLDS["mean_win_rate"]
-    (out / "seeds.json").write_text(json.dumps({"cpu": cpu_model(), "train_args": args.train_args,
-                                                "rows": rows, "all_pass": ok}, indent=1))
-    print(f"toy seed sweep on {cpu_model()} ({os.cpu_count()} cores), train flags: {args.train_args or 'defaults'}; "
-          f"{time.perf_counter() - t0:.0f} s")
-    print(table(rows))
-    print(f"every seed passes and mean win-rate >= {THRESHOLDS['mean_win_rate']}: {'yes' if ok else 'NO'}")
-    return 0 if ok else 1
+    sweep = {"cpu": cpu_model(), "cores": os.cpu_count(), "train_args": args.train_args, "rows": rows,
+             "seconds": round(time.perf_counter() - t0)}
+    (out / "seeds.json").write_text(json.dumps(sweep, indent=1))
+    return sweep
+
+
+def write_block(path: Path, text: str, name: str = "toy-seeds") -> None:
+    """Replace what lies between ``<!-- name:start -->`` and ``<!-- name:end -->`` in ``path`` with ``text``."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    doc = path.read_text()
+    if start not in doc or end not in doc:
+        raise SystemExit(f"{path} has no {start} ... {end} block to replace")
+    head, rest = doc.split(start, 1)
+    path.write_text(f"{head}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
 
 
 if __name__ == "__main__":
