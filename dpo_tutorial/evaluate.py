@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import PairTransform, collate_pairs, load_pickapic, make_example, pair_order
+from .data import DataError, PairTransform, SkipRow, collate_pairs, load_pickapic, make_example, pair_order
 
 
 @dataclass
@@ -81,10 +81,10 @@ def implicit_reward_accuracy(parts, unet, dataset, resolution: int, beta: float 
             continue
         try:
             examples.append(make_example(row, transform, random.Random(0)))
-        except ValueError:
+        except SkipRow:
             continue
     if not examples:
-        raise ValueError("no decodable non-tie pairs to score")
+        raise DataError("no decodable non-tie pairs to score: expected held-out pairs with JPEG/PNG/WebP images")
     unet.eval()
     logits = torch.zeros(len(examples))
     generator = torch.Generator(device=parts.vae.device).manual_seed(seed)

@@ -69,8 +69,8 @@ def test_interrupted_save_leaves_previous_checkpoint(sd_dir, pairs_parquet, tmp_
 def _assert_complete(path):
     assert (path / "state.json").exists()
     assert load_file(str(path / "trainable.safetensors"))
-    assert torch.load(path / "training_state.pt", weights_only=False)["optimizer"]
-    assert torch.load(path / "process_0.pt", weights_only=False)["rng"]
+    assert torch.load(path / "training_state.pt", weights_only=True)["optimizer"]
+    assert torch.load(path / "process_0.pt", weights_only=True)["rng"]
 
 
 def latest_step(output_dir) -> int:
