@@ -105,8 +105,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     from .toy.evaluation import evaluate_toy
 
+    for flag, value in (("--per-caption", args.per_caption), ("--num-draws", args.num_draws)):
+        if value < 1:
+            raise ConfigError(f"invalid {flag} {value}: expected an integer >= 1")
     if not (Path(args.lora) / "pytorch_lora_weights.safetensors").exists():
-        from .config import ConfigError
         raise ConfigError(f"--lora {args.lora!r} holds no pytorch_lora_weights.safetensors: pass a train output dir")
     result, _ = evaluate_toy(args.lora, per_caption=args.per_caption, num_draws=args.num_draws)
     if args.json:

@@ -94,6 +94,8 @@ def load_pickapic(source: str, split: str = "train", streaming: bool = False):
             ds = datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming)
         else:
             ds = datasets.load_dataset(source, split=split, streaming=streaming)
+    except datasets.exceptions.DatasetGenerationError as err:
+        raise DataError(f"could not read dataset {source!r} split {split!r} ({str(err.__cause__ or err)[:200]})") from err
     except (ConnectionError, OSError) as err:
         raise DataError(f"could not load dataset {source!r} split {split!r} from the Hugging Face Hub "
                         f"({type(err).__name__}: {str(err)[:200]}). Offline? Pass a local parquet file "
@@ -105,7 +107,8 @@ def load_pickapic(source: str, split: str = "train", streaming: bool = False):
 
 
 # arrow type names each required column may have (datasets' Image feature is a struct with bytes)
-_COLUMN_TYPES = {"caption": ("string", "large_string", "null"), "label_0": ("double", "float", "int", "uint", "halffloat", "null"),
+_COLUMN_TYPES = {"caption": ("string", "large_string", "null"),
+                 "label_0": ("double", "float", "int", "uint", "halffloat", "null"),
                  "jpg_0": ("binary", "large_binary", "struct"), "jpg_1": ("binary", "large_binary", "struct")}
 
 
@@ -122,10 +125,11 @@ def check_parquet_files(files: list[str]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    first = None
+    first, rows = None, 0
     for f in files:
         try:
             schema = pq.read_schema(f)
+            rows += pq.ParquetFile(f).metadata.num_rows
         except (pa.ArrowException, OSError) as err:
             raise DataError(f"{f} is not a readable parquet file ({str(err)[:120]}): expected Pick-a-Pic "
                             "v2 parquet") from err
@@ -141,6 +145,9 @@ def check_parquet_files(files: list[str]) -> None:
             diffs = [f"{c}: {first[1][c]} vs {types[c]}" for c in REQUIRED_COLUMNS if types[c] != first[1][c]]
             raise DataError(f"{first[0]} and {f} have different schemas ({'; '.join(diffs)}): expected one "
                             "schema for all files of a split")
+    if rows == 0:
+        raise DataError(f"{files[0] if len(files) == 1 else f'{len(files)} parquet files'} hold 0 rows: expected "
+                        "Pick-a-Pic-format pairs")
 
 
 def check_columns(column_names, source: str = "dataset") -> None:

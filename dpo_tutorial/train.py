@@ -510,7 +510,7 @@ def train(config: TrainConfig) -> History:
         stop = bad_in_a_row >= config.max_nonfinite_steps
         if stop or step + 1 == config.max_steps or (
                 config.checkpoint_every and (step + 1) % config.checkpoint_every == 0):
-            _save(run, step + 1, prune=not stop)  # keep the checkpoints from before the blow-up
+            _save(run, step + 1, prune=bad_in_a_row == 0)  # keep the checkpoints from before a blow-up
         if stop:
             raise FloatingPointError(
                 f"{bad_in_a_row} optimizer steps in a row had a non-finite loss or gradient (last at step "
