@@ -93,7 +93,9 @@ def safe_load(path: Path):
     except FileNotFoundError as err:
         raise CheckpointError(f"checkpoint file {path} is missing: the checkpoint is incomplete") from err
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        lines = [x.strip() for x in str(err).splitlines() if x.strip()]
+        reason = next((x for x in lines if x.startswith("Unsupported")), lines[0] if lines else type(err).__name__)
+        reason = reason.split(". ")[0][:160]
         raise CheckpointError(f"refusing checkpoint file {path}: not a plain tensor/number file, or corrupt "
                               f"({reason})") from err
 

@@ -64,7 +64,7 @@ def read_history(path: Path) -> list[dict]:
     """
     if not path.exists():
         return []
-    lines = [x for x in path.read_text(errors="replace").splitlines() if x.strip("\x00 \t")]
+    lines = [x for x in path.read_text(errors="replace").splitlines() if x.strip()]
     records = []
     for number, line in enumerate(lines, 1):
         try:
