@@ -188,12 +188,13 @@ def load_first_good(paths: list[Path], load) -> tuple[Path, dict] | tuple[None, 
     raises the first path's error when none loads.
     """
     first = None
-    for path in paths:
+    for i, path in enumerate(paths):
         try:
             return path, load(path)
         except CheckpointError as err:
             first = first or err
-            warnings.warn(f"skipping unusable checkpoint {path}: {err}")
+            if i + 1 < len(paths):
+                warnings.warn(f"skipping unusable checkpoint {path}, trying {paths[i + 1].name}: {err}")
     if first is not None:
         raise first
     return None, None

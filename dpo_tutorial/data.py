@@ -39,12 +39,13 @@ class DataError(ValueError):
     """The dataset cannot be used; the message names the source, column or value and what was expected."""
 
 
-class SkipRow(Exception):
+class SkipRow(ValueError):
     """A row that cannot be a training pair; ``reason`` names why (counted under that name, never fatal).
 
     Reasons: ``tie``, ``invalid`` (label), ``missing_image`` (None), ``not_bytes`` (e.g. a string),
     ``undecodable`` (empty, corrupt or not JPEG/PNG/WebP), ``oversized`` (extreme aspect ratio or size).
-    Only this exception is skipped: any other error in a row is a bug and propagates.
+    Only this exception is skipped: any other error in a row (a plain ``ValueError`` included) is a bug and
+    propagates. It subclasses ``ValueError`` so older callers that caught that keep working.
     """
 
     def __init__(self, reason: str, detail: str = ""):
@@ -353,7 +354,7 @@ class PairStream:
         self.invalid_labels = counts["invalid"]
         keep = [i for i, o in enumerate(orders) if o in ("0", "1")]
         if not keep:
-            raise DataError(f"no usable pairs: 0 of {len(orders)} rows usable: {self.ties} ties, "
+            raise DataError(f"no usable pairs: {len(orders)} rows, {self.ties} ties, "
                             f"{self.invalid_labels} invalid labels (label_0 must be 0, 1 or in between)")
         return keep[: self.max_pairs] if self.max_pairs else keep
 
