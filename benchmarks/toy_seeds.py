@@ -54,6 +54,7 @@ def run_seed(seed: int, out: Path, train_args: list[str], threads: int) -> dict:
     done = subprocess.run(cli + ["evaluate", "--lora", str(run_dir), "--json"], env=env, check=True,
                           capture_output=True, text=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
+    (run_dir / "eval.json").write_text(json.dumps(result))
     return {"seed": seed, **result, "gain": result["dpo_accuracy"] - result["base_accuracy"],
             "train_seconds": round(t_train, 1)}
 

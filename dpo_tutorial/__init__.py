@@ -4,6 +4,31 @@ The package owns every function the notebooks use::
 
     from dpo_tutorial import diffusion_dpo_loss, shared_noise, shared_timesteps, get_preset, train
     history = train(get_preset("toy", max_steps=50))
+
+Modules, one concept each (``docs/ARCHITECTURE.md`` draws them):
+
+- ``config``: ``TrainConfig`` (every setting of a run), the ``toy``/``sd15``/``sdxl`` presets, validation.
+- ``loss``: the Diffusion-DPO loss (Eq. 14) and its metrics; hinge, IPO, SFT and the legacy variant.
+- ``noise``: one noise and one timestep per pair, shared by winner and loser.
+- ``pickapic``: the Pick-a-Pic v2 format: schema, row builder, parquet writer.
+- ``data``: reading Pick-a-Pic pairs: ties, winner-first order, paired crop/flip, the resumable stream.
+- ``models``: loading SD / SDXL parts, the LoRA adapter, the reference pass (adapter off).
+- ``step``: one DPO step: encode a batch, noise it, policy and reference passes, the loss.
+- ``train``: ``train(config) -> History``: the loop on accelerate, logging, checkpoints, export.
+- ``checkpoint``: atomic, exactly resumable checkpoints.
+- ``cache``: the optional latent cache (VAE latents and text embeddings encoded once).
+- ``summary``: a finished run's closing report (last-10% means, held-out implicit accuracy).
+- ``sample``: images with and without the LoRA for the same captions and seeds.
+- ``evaluate``: win-rate with CI, judge accuracy, implicit-reward accuracy.
+- ``pickscore``: PickScore, the learned preference scorer, as a judge for SD 1.5 / SDXL.
+- ``analysis``: the notebooks' measurements (spread of ``model_diff`` estimates, per-pair errors).
+- ``plots``: one function per figure; ``figures``: regenerates ``figures/`` with them.
+- ``notebook_env``: the environment switches the notebooks read (``DPO_TUTORIAL_FAST``, preset, overrides).
+- ``tokenizer``: builds the small CLIP tokenizer of the toy model and the test stand-ins.
+- ``fixtures``: tiny random-weight SD / SDXL / PickScore stand-ins for tests and benchmarks (not imported
+  by the rest of the package).
+- ``toy``: the shapes world, its judge, the scripts that made the shipped model and pairs, its evaluation.
+- ``cli``: the ``dpo-tutorial`` command.
 """
 from .config import ConfigError, TrainConfig, get_preset
 from .loss import DPOLossOutput, diffusion_dpo_loss

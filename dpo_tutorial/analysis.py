@@ -9,14 +9,17 @@ from .models import DiffusionParts, reference_mode
 from .step import draw_noise, encode_batch, noisy_prediction
 
 
-@torch.no_grad()
-def model_diff_draws(parts: DiffusionParts, unet, batch: dict, num_draws: int, shared: bool = True,
-                     seed: int = 0) -> torch.Tensor:
-    """``(num_draws, B)`` one-draw estimates of each pair's ``model_diff``.
+SHARING = {"t and ε": (True, True), "t only": (False, True), "ε only": (True, False), "neither": (False, False)}
 
-    ``shared=True``: winner and loser get the same noise and timestep (the recipe); ``False``: each
-    image draws its own, as a naive implementation would. The latents are encoded once. The target is
-    the model's own (ε or v), as in training.
+
+@torch.no_grad()
+def model_diff_draws(parts: DiffusionParts, unet, batch: dict, num_draws: int, share_noise: bool = True,
+                     share_timesteps: bool = True, seed: int = 0) -> torch.Tensor:
+    """``(num_draws, B)`` one-draw estimates of each pair's ``model_diff = mse(x_w) - mse(x_l)``.
+
+    ``share_noise`` / ``share_timesteps``: winner and loser get the same ε / the same t (the recipe
+    shares both, :data:`SHARING` names the four combinations); otherwise each image draws its own. The
+    latents are encoded once; the target is the model's own (ε or v), as in training.
     """
     g = torch.Generator(parts.vae.device).manual_seed(seed)
     encoded = encode_batch(parts, batch, g)  # latents (2B, C, h, w), embeddings (2B, L, D)
@@ -24,15 +27,52 @@ def model_diff_draws(parts: DiffusionParts, unet, batch: dict, num_draws: int, s
     latents = encoded.latents
     out = []
     for _ in range(num_draws):
-        if shared:
-            noise, t = draw_noise(parts, encoded, g)
-        else:
+        noise, t = draw_noise(parts, encoded, g)  # (2B, C, h, w), (2B,): halves identical
+        if not share_noise:
             noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
+        if not share_timesteps:
             t = torch.randint(0, steps, (latents.shape[0],), generator=g, device=latents.device)
         pred, target = noisy_prediction(parts, unet, encoded, noise, t)
         mse_w, mse_l = split_pairs(per_sample_mse(pred, target))
         out.append(mse_w - mse_l)
     return torch.stack(out)  # (num_draws, B)
+
+
+def sharing_table(parts: DiffusionParts, unet, batch: dict, num_draws: int, seed: int = 0) -> dict[str, dict]:
+    """For each way of sharing (:data:`SHARING`): the per-pair variance of the one-draw ``model_diff``
+    estimate relative to sharing both (median over pairs and pooled), and the mean estimate.
+
+    The mean barely moves (each way estimates the same ``E[model_diff]``); the variance is what sharing buys.
+    """
+    draws = {name: model_diff_draws(parts, unet, batch, num_draws, noise, t, seed)
+             for name, (noise, t) in SHARING.items()}
+    base = draws["t and ε"]
+    return {name: {"variance_ratio_median": float((d.var(dim=0) / base.var(dim=0)).median()),
+                   "variance_ratio_pooled": float((d - d.mean(0)).pow(2).mean() / (base - base.mean(0)).pow(2).mean()),
+                   "mean_model_diff": float(d.mean()), "draws": d}
+            for name, d in draws.items()}
+
+
+@torch.no_grad()
+def mse_by_timestep(parts: DiffusionParts, unet, batch: dict, timesteps: list[int], num_draws: int = 4,
+                    seed: int = 0) -> list[float]:
+    """Mean per-element MSE of ``unet``'s prediction over the batch's images, at each fixed ``t``.
+
+    For an ε-prediction model the error is largest at small t (little noise to find in a nearly clean
+    image) and smallest at large t (the input is almost all noise, so ε is easy to read off).
+    """
+    g = torch.Generator(parts.vae.device).manual_seed(seed)
+    encoded = encode_batch(parts, batch, g)
+    out = []
+    for step in timesteps:
+        t = torch.full((encoded.latents.shape[0],), int(step), device=encoded.latents.device, dtype=torch.long)
+        total = 0.0
+        for _ in range(num_draws):
+            noise = torch.randn(encoded.latents.shape, generator=g, device=encoded.latents.device)
+            pred, target = noisy_prediction(parts, unet, encoded, noise, t)
+            total += per_sample_mse(pred, target).mean().item() / num_draws
+        out.append(total)
+    return out
 
 
 @torch.no_grad()

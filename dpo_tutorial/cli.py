@@ -22,13 +22,24 @@ def _flag_type(hint):
     return hint
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One ``--kebab-case`` flag per :class:`TrainConfig` field, defaulting to 'not given'."""
+def _shown(value, none_text: str) -> str:
+    """A default as ``--help`` shows it (``%`` escaped for argparse); ``None`` as the field's ``none`` text."""
+    text = none_text if value is None else repr(value)
+    return text.replace("%", "%%")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, preset: str = "toy") -> None:
+    """One ``--kebab-case`` flag per :class:`TrainConfig` field, defaulting to 'not given'.
+
+    The help shows the value that runs when the flag is left out: the field's value in ``preset``.
+    """
     hints = typing.get_type_hints(TrainConfig)
+    values = get_preset(preset).to_dict()
     for f in dataclasses.fields(TrainConfig):
         kind = _flag_type(hints[f.name])
         name = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata.get('help', '')} (default: from the preset, else {f.default!r})"
+        shown = _shown(values[f.name], f.metadata.get("none", "not set"))
+        help_text = f"{f.metadata.get('help', '')} ({preset} preset: {shown})"
         if kind is bool:
             parser.add_argument(name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                                 help=help_text)
@@ -44,22 +55,37 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return get_preset(args.preset, **overrides)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full ``dpo-tutorial`` argument parser."""
+def chosen_preset(argv: list[str]) -> str:
+    """The ``--preset`` named in ``argv`` (``toy`` when absent or not a preset name), read before the full parse
+    so that ``--help`` can show that preset's values."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="toy")
+    found = pre.parse_known_args(argv)[0].preset
+    return found if found in PRESET_NAMES else "toy"
+
+
+def build_parser(preset: str = "toy") -> argparse.ArgumentParser:
+    """The full ``dpo-tutorial`` argument parser; the train/cache flags' help shows ``preset``'s values."""
+    shown = (f"Each flag's help shows the value --preset {preset} runs when the flag is left out; "
+             "`dpo-tutorial train --preset sd15 --help` shows another preset's.")
     parser = argparse.ArgumentParser(prog="dpo-tutorial", description="Diffusion-DPO, taught and run for real.")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="fine-tune a LoRA with Diffusion-DPO",
                            description="Fine-tune a LoRA (or the UNet) with Diffusion-DPO. With no flags: the "
-                                       "offline toy preset.")
+                                       "offline toy preset. " + shown)
     train.add_argument("--preset", default="toy", choices=PRESET_NAMES,
                        help="named recipe the other flags override (default: toy, offline)")
-    add_config_flags(train)
+    train.add_argument("--evaluate", action="store_true",
+                       help="toy world: after training, measure base vs DPO on held-out prompts (win-rate, "
+                            "judge accuracy; ~30 s), as `dpo-tutorial evaluate` does (make train passes it)")
+    add_config_flags(train, preset)
     cache = sub.add_parser("cache", help="encode a dataset once (VAE latents + text embeddings) for fast training",
                            description="Encode --dataset/--split for --pretrained at --resolution into a latent "
-                                       "cache; then train with --cache DIR and the same model and resolution.")
+                                       "cache; then train with --cache DIR and the same model and resolution. "
+                                       + shown)
     cache.add_argument("--out", required=True, help="folder to write the cache to")
     cache.add_argument("--preset", default="toy", choices=PRESET_NAMES, help="named recipe the flags override")
-    add_config_flags(cache)
+    add_config_flags(cache, preset)
     ev = sub.add_parser("evaluate", help="base vs DPO on the toy world: judge accuracy, win-rate, implicit accuracy",
                         description="Sample base and DPO images for the same held-out captions and seeds, score "
                                     "them with the toy judge, and measure implicit-reward accuracy on held-out pairs.")
@@ -77,15 +103,64 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_train(args: argparse.Namespace) -> int:
     """``dpo-tutorial train``: print where the artefacts went and the last metrics."""
+    from .rerun import plan_rerun
+    from .summary import format_summary
     from .train import train
 
-    config = config_from_args(args)
-    history = train(config)
-    if history.records:
-        last = history.records[-1]
-        print(f"done: {len(history)} steps, loss {last['loss']:.4f}, implicit accuracy {last['implicit_acc']:.3f}")
-    print(f"artefacts in {config.output_dir}" + (f"; LoRA: {history.lora_path}" if history.lora_path else ""))
+    plan = plan_rerun(config_from_args(args))
+    if plan.message:
+        print(plan.message.rstrip("\n"))
+    config = plan.config
+    if plan.action == "finished":
+        report_finished(config)
+    else:
+        history = train(config)
+        print(f"done: {len(history)} steps")
+        for line in format_summary(history.summary):
+            print(line)
+        print(f"artefacts in {config.output_dir}" + (f"; LoRA: {history.lora_path}" if history.lora_path else ""))
+    if getattr(args, "evaluate", False):
+        evaluate_after_training(config)
     return 0
+
+
+def report_finished(config: TrainConfig) -> None:
+    """Say that ``config.output_dir`` already holds this very run, finished, with its closing report."""
+    import json
+    from pathlib import Path
+
+    from .summary import format_summary, tail_means
+    from .train import History
+
+    path = Path(config.output_dir) / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else tail_means(History.load(config.output_dir).records)
+    print(f"{config.output_dir} already holds this run, finished ({config.max_steps} steps): nothing to train.")
+    for line in format_summary(summary):
+        print(line)
+    print(f"Evaluate it: dpo-tutorial evaluate --lora {config.output_dir}\nTrain it again from scratch: "
+          f"delete {config.output_dir} or pass another --output-dir")
+
+
+def is_toy_run(config: TrainConfig) -> bool:
+    """Whether ``config`` trains the shipped toy model on the shipped toy pairs (the toy judge can score it)."""
+    from pathlib import Path
+
+    from .toy import PAIRS_DIR, PIPELINE_DIR
+
+    def same(a: str, b: Path) -> bool:
+        return Path(a).expanduser().resolve() == b.resolve()
+
+    return same(config.pretrained, PIPELINE_DIR) and same(config.dataset, PAIRS_DIR)
+
+
+def evaluate_after_training(config: TrainConfig) -> None:
+    """``train --evaluate``: the toy evaluation of the run just trained (or found finished)."""
+    if config.full_finetune or not is_toy_run(config):
+        print("--evaluate scores the toy world only; for SD 1.5 use notebook 07 (PickScore on validation_unique)")
+        return
+    print(f"measuring the effect on held-out prompts (dpo-tutorial evaluate --lora {config.output_dir}) ...",
+          flush=True)
+    print_toy_evaluation(config.output_dir)
 
 
 def run_cache(args: argparse.Namespace) -> int:
@@ -100,20 +175,27 @@ def run_cache(args: argparse.Namespace) -> int:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     """``dpo-tutorial evaluate``: the toy evaluation, as a table or one JSON object."""
-    import json
     from pathlib import Path
-
-    from .toy.evaluation import evaluate_toy
 
     for flag, value in (("--per-caption", args.per_caption), ("--num-draws", args.num_draws)):
         if value < 1:
             raise ConfigError(f"invalid {flag} {value}: expected an integer >= 1")
     if not (Path(args.lora) / "pytorch_lora_weights.safetensors").exists():
         raise ConfigError(f"--lora {args.lora!r} holds no pytorch_lora_weights.safetensors: pass a train output dir")
-    result, _ = evaluate_toy(args.lora, per_caption=args.per_caption, num_draws=args.num_draws)
-    if args.json:
+    print_toy_evaluation(args.lora, args.per_caption, args.num_draws, args.json)
+    return 0
+
+
+def print_toy_evaluation(lora_dir: str, per_caption: int = 40, num_draws: int = 8, as_json: bool = False) -> None:
+    """Evaluate a toy LoRA (:func:`dpo_tutorial.toy.evaluation.evaluate_toy`) and print a table or one JSON line."""
+    import json
+
+    from .toy.evaluation import evaluate_toy
+
+    result, _ = evaluate_toy(lora_dir, per_caption=per_caption, num_draws=num_draws)
+    if as_json:
         print(json.dumps(result.to_dict()))
-        return 0
+        return
     r = result
     print(f"images per model        {r.n}\n"
           f"judge accuracy  base    {r.base_accuracy:.3f}\n"
@@ -121,7 +203,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
           f"win-rate DPO over base  {r.win_rate:.3f}   95% CI [{r.win_rate_ci_low:.3f}, {r.win_rate_ci_high:.3f}]"
           f" (ties count 1/2)\n"
           f"implicit-reward acc.    {r.implicit_acc:.3f}   (held-out test pairs)")
-    return 0
 
 
 def run_toy(args: argparse.Namespace) -> int:
@@ -149,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DataError
     from .models import ModelError
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(chosen_preset(argv)).parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, DataError, ModelError, FileNotFoundError) as err:

@@ -19,15 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-PICKAPIC_SCHEMA = {
-    "are_different": "bool", "best_image_uid": "string", "caption": "string",
-    "created_at": "timestamp[ns]", "has_label": "bool", "image_0_uid": "string",
-    "image_0_url": "string", "image_1_uid": "string", "image_1_url": "string",
-    "jpg_0": "binary (JPEG bytes)", "jpg_1": "binary (JPEG bytes)", "label_0": "float64",
-    "label_1": "float64", "model_0": "string", "model_1": "string", "ranking_id": "int64",
-    "user_id": "int64", "num_example_per_prompt": "int64",
-}
-REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
+from .hub import check_hub_reachable, is_hub_id
+from .pickapic import REQUIRED_COLUMNS, schema_text
 
 
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")  # what a preference dataset holds; nothing else is even opened
@@ -66,10 +59,6 @@ def _local_parquet_files(root: Path, split: str) -> list[str]:
                     f"{split}/*.parquet and data/{split}-*.parquet; found: {found or 'no parquet files'}")
 
 
-def _looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or source.endswith(".parquet") or source.count("/") > 1
-
-
 def load_pickapic(source: str, split: str = "train", streaming: bool = False):
     """Load Pick-a-Pic-format pairs from a hub id, a folder of parquet files or one ``.parquet`` file.
 
@@ -83,7 +72,7 @@ def load_pickapic(source: str, split: str = "train", streaming: bool = False):
         files: list[str] | None = [str(path)]
     elif path.is_dir():
         files = _local_parquet_files(path, split)
-    elif _looks_like_path(source):
+    elif not is_hub_id(source):
         raise DataError(f"dataset {source!r} does not exist: expected a .parquet file, a folder of "
                         "parquet files or a hub id such as 'yuvalkirstain/pickapic_v2'")
     else:
@@ -94,6 +83,7 @@ def load_pickapic(source: str, split: str = "train", streaming: bool = False):
         if files is not None:
             ds = datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming)
         else:
+            check_hub_reachable(f"dataset {source!r}")  # fails at once offline instead of retrying
             ds = datasets.load_dataset(source, split=split, streaming=streaming)
     except datasets.exceptions.DatasetGenerationError as err:
         raise DataError(f"could not read dataset {source!r} split {split!r} ({str(err.__cause__ or err)[:200]})") from err
@@ -157,7 +147,7 @@ def check_columns(column_names, source: str = "dataset") -> None:
         return
     missing = [c for c in REQUIRED_COLUMNS if c not in column_names]
     if missing:
-        schema = ", ".join(f"{k}: {v}" for k, v in PICKAPIC_SCHEMA.items())
+        schema = schema_text()
         raise DataError(f"{source} is missing required column(s) {missing} (has {list(column_names)}). "
                         f"Expected the Pick-a-Pic v2 schema; required: {list(REQUIRED_COLUMNS)}; full: {schema}")
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .data import DataError, PairTransform, SkipRow, collate_pairs, load_pickapic, make_example, pair_order
+from .loss import implicit_accuracy
 
 
 @dataclass
@@ -62,13 +63,15 @@ def win_rate(base_scores, dpo_scores, tie_tol: float = 1e-6) -> tuple[float, flo
 
 
 @torch.no_grad()
-def implicit_reward_accuracy(parts, unet, dataset, resolution: int, beta: float = 5000.0, num_draws: int = 8,
-                             batch_size: int = 64, seed: int = 0, max_pairs: int | None = None) -> float:
+def implicit_reward_accuracy(parts, unet, dataset, resolution: int, num_draws: int = 8,
+                             batch_size: int = 64, seed: int = 0, max_pairs: int | None = None,
+                             return_count: bool = False) -> float | tuple[float, int]:
     """Share of non-tie pairs whose implicit reward, averaged over ``num_draws`` noise/timestep draws, prefers the winner.
 
     ``unet`` carries the LoRA; the reference is the same UNet with the adapter off. ``dataset`` may be a
     stream; the first ``max_pairs`` non-tie pairs are scored (all when None). Pairs that do not decode
-    are skipped; ties are not scored (they have no winner).
+    are skipped; ties are not scored (they have no winner). ``return_count``: also return how many
+    pairs were scored.
     """
     from .step import dpo_step
 
@@ -91,9 +94,11 @@ def implicit_reward_accuracy(parts, unet, dataset, resolution: int, beta: float 
     for start in range(0, len(examples), batch_size):
         batch = collate_pairs(examples[start:start + batch_size])
         for _ in range(num_draws):
-            out = dpo_step(parts, unet, batch, beta, generator=generator, resolution=resolution)
+            # β > 0 only scales the logits; their sign (all the accuracy reads) does not depend on it
+            out = dpo_step(parts, unet, batch, 1.0, generator=generator, resolution=resolution)
             logits[start:start + len(out.logits)] += out.logits.cpu() / num_draws
-    return float(((logits > 0).float() + 0.5 * (logits == 0).float()).mean())
+    accuracy = float(implicit_accuracy(logits))
+    return (accuracy, len(examples)) if return_count else accuracy
 
 
 def compare_samples(pipe, captions: list[str], seeds: list[int], judge_score, judge_correct, steps: int,
@@ -157,7 +162,7 @@ def check_lora_fits(pipe, pretrained: str, lora_dir: str | Path) -> None:
 
 def evaluate(pretrained: str, lora_dir: str | Path, captions: list[str], seeds: list[int], judge_score,
              judge_correct=None, test_data: str | None = None, test_split: str = "test", resolution: int = 32,
-             beta: float = 5000.0, steps: int = 25, guidance_scale: float = 7.5, num_draws: int = 8,
+             steps: int = 25, guidance_scale: float = 7.5, num_draws: int = 8,
              device: str | torch.device | None = None, streaming: bool = False,
              max_test_pairs: int | None = None, batch_size: int = 240) -> tuple[EvalResult, dict]:
     """Everything :class:`EvalResult` reports, plus the raw samples and scores (for plots).
@@ -173,7 +178,7 @@ def evaluate(pretrained: str, lora_dir: str | Path, captions: list[str], seeds: 
     implicit = float("nan")
     if test_data:
         pairs = load_pickapic(test_data, test_split, streaming=streaming)
-        implicit = implicit_reward_accuracy(parts, pipe.unet, pairs, resolution, beta=beta, num_draws=num_draws,
+        implicit = implicit_reward_accuracy(parts, pipe.unet, pairs, resolution, num_draws=num_draws,
                                             max_pairs=max_test_pairs)
     result = EvalResult(base_accuracy=float(samples["base_correct"].mean()),
                         dpo_accuracy=float(samples["dpo_correct"].mean()), win_rate=rate, win_rate_ci_low=low,

@@ -2,6 +2,12 @@
 
 It trains one toy DPO run (the default preset; fewer steps under ``DPO_TUTORIAL_FAST=1``) and measures
 on it, so the figures show real numbers from the shipped toy model, not made-up curves.
+
+Regenerating must give the same pictures, so every random source is seeded and torch runs on a fixed
+number of threads (:data:`FIGURE_THREADS`) with MKL's dynamic threading off: the float rounding of a
+700-step run depends on how its sums are split across threads, and the toy base model draws the right
+colour only about half the time, so a different split flips some samples' colours (a "blue square"
+drawn blue in one run is drawn green in another). The PNGs carry no software-version metadata.
 """
 from __future__ import annotations
 
@@ -12,12 +18,26 @@ import numpy as np
 import torch
 
 
+FIGURE_THREADS = 2
+
+
 def _save(fig, path: Path) -> str:
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Software": None})
     import matplotlib.pyplot as plt
 
     plt.close(fig)
     return path.name
+
+
+def fix_randomness(threads: int, seed: int = 0) -> None:
+    """Seed python, numpy and torch, and pin torch to ``threads`` threads (always calling
+    ``torch.set_num_threads``, which also turns MKL's load-dependent dynamic threading off)."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads)
 
 
 def make_figures(out_dir: str | Path = "figures") -> list[str]:
@@ -27,13 +47,14 @@ def make_figures(out_dir: str | Path = "figures") -> list[str]:
     from .data import PairStream, PairTransform, load_pickapic
     from .evaluate import load_with_lora
     from .models import reference_mode
-    from .settings import budget
+    from .notebook_env import budget
     from .toy.evaluation import evaluate_toy, heldout_prompts
     from .step import dpo_step
     from .train import train
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    fix_randomness(FIGURE_THREADS)
     written = [_save(plots.logsigmoid_figure(), out / "logsigmoid.png"),
                _save(plots.loss_variants_figure(), out / "loss_variants.png"),
                _save(plots.geometry_figure(np.zeros(2), np.array([0.35, 0.28]), np.array([0.6, -0.6]),
@@ -42,7 +63,7 @@ def make_figures(out_dir: str | Path = "figures") -> list[str]:
                      out / "model_diff_geometry.png")]
     with tempfile.TemporaryDirectory() as run_dir:
         cfg = get_preset("toy", output_dir=run_dir, max_steps=budget(get_preset("toy").max_steps, 20),
-                         checkpoint_every=0, sample_grid=False)
+                         checkpoint_every=0, sample_grid=False, num_threads=FIGURE_THREADS)
         history = train(cfg)
         written.append(_save(plots.training_figure(history), out / "training_curves.png"))
         pipe, parts = load_with_lora(cfg.pretrained, run_dir)
@@ -53,8 +74,8 @@ def make_figures(out_dir: str | Path = "figures") -> list[str]:
         delta = (res.model_diff - res.ref_diff).abs().median().item()
         written.append(_save(plots.beta_figure(delta, betas=(cfg.beta / 4, cfg.beta, cfg.beta * 4)), out / "beta.png"))
         with reference_mode(parts.unet):  # the base model's own spread
-            shared = model_diff_draws(parts, parts.unet, batch, budget(64, 8), shared=True)
-            independent = model_diff_draws(parts, parts.unet, batch, budget(64, 8), shared=False)
+            shared = model_diff_draws(parts, parts.unet, batch, budget(64, 8))
+            independent = model_diff_draws(parts, parts.unet, batch, budget(64, 8), False, False)
         centre = lambda d: (d - d.mean(dim=0, keepdim=True)).flatten().numpy()  # noqa: E731
         written.append(_save(plots.spread_figure(centre(shared), centre(independent)), out / "shared_noise.png"))
         per_caption = budget(40, 2)

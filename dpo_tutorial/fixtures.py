@@ -2,17 +2,14 @@
 
 - :func:`build_tiny_pipeline`: an SD-shaped (or SDXL-shaped) diffusers pipeline folder that
   ``StableDiffusionPipeline.from_pretrained`` / ``StableDiffusionXLPipeline.from_pretrained`` load.
-- :func:`write_pickapic_parquet`: a parquet file in the exact Pick-a-Pic v2 schema.
+- Pick-a-Pic v2 rows and files: build them with :mod:`dpo_tutorial.pickapic` (production code).
 - :func:`build_tiny_pickscore`: a PickScore-format folder (``CLIPModel`` weights + CLIP processor files)
   that :class:`dpo_tutorial.pickscore.PickScore` loads in place of the hub's 4 GB model.
 """
 from __future__ import annotations
 
-import io
-from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .tokenizer import build_clip_tokenizer
@@ -114,53 +111,3 @@ def build_tiny_pickscore(out_dir: str | Path, image_size: int = 32, seed: int = 
     CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(str(out))
     model.save_pretrained(str(out))
     return out
-
-
-def encode_image(array: np.ndarray, fmt: str = "JPEG", mode: str | None = None) -> bytes:
-    """Encode an ``(H, W, 3)`` uint8 array as image bytes (JPEG by default; ``mode`` e.g. 'L' or 'CMYK')."""
-    from PIL import Image
-
-    img = Image.fromarray(array)
-    if mode:
-        img = img.convert(mode)
-    buf = io.BytesIO()
-    img.save(buf, format=fmt, quality=95) if fmt == "JPEG" else img.save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def pickapic_row(caption: str, jpg_0: bytes, jpg_1: bytes, label_0: float, ranking_id: int = 0) -> dict:
-    """One row in the exact Pick-a-Pic v2 schema (uids derived from the ranking id)."""
-    uid0, uid1 = f"{ranking_id:08d}-0", f"{ranking_id:08d}-1"
-    best = "" if label_0 == 0.5 else (uid0 if label_0 > 0.5 else uid1)
-    return {"are_different": jpg_0 != jpg_1, "best_image_uid": best, "caption": caption,
-            "created_at": datetime(2023, 1, 1), "has_label": True, "image_0_uid": uid0,
-            "image_0_url": f"https://example.invalid/{uid0}.jpg", "image_1_uid": uid1,
-            "image_1_url": f"https://example.invalid/{uid1}.jpg", "jpg_0": jpg_0, "jpg_1": jpg_1,
-            "label_0": float(label_0), "label_1": 1.0 - float(label_0), "model_0": "tiny", "model_1": "tiny",
-            "ranking_id": ranking_id, "user_id": ranking_id % 7, "num_example_per_prompt": 1}
-
-
-def pickapic_arrow_schema():
-    """The pyarrow schema of Pick-a-Pic v2's parquet files (column order as on the hub)."""
-    import pyarrow as pa
-
-    s, b, i = pa.string(), pa.bool_(), pa.int64()
-    return pa.schema([("are_different", b), ("best_image_uid", s), ("caption", s),
-                      ("created_at", pa.timestamp("ns")), ("has_label", b), ("image_0_uid", s),
-                      ("image_0_url", s), ("image_1_uid", s), ("image_1_url", s), ("jpg_0", pa.binary()),
-                      ("jpg_1", pa.binary()), ("label_0", pa.float64()), ("label_1", pa.float64()),
-                      ("model_0", s), ("model_1", s), ("ranking_id", i), ("user_id", i),
-                      ("num_example_per_prompt", i)])
-
-
-def write_pickapic_parquet(path: str | Path, rows: list[dict]) -> Path:
-    """Write ``rows`` (dicts from :func:`pickapic_row`) as a Pick-a-Pic v2 parquet file."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    schema = pickapic_arrow_schema()
-    table = pa.Table.from_pylist(rows, schema=schema)
-    pq.write_table(table, str(path))
-    return path

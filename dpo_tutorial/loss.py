@@ -74,8 +74,10 @@ def implicit_accuracy(logits: torch.Tensor) -> torch.Tensor:
     return ((logits > 0).float() + 0.5 * (logits == 0).float()).mean()
 
 
-def dpo_losses(logits: torch.Tensor, beta: float, loss_type: str) -> torch.Tensor:
-    r"""Scalar loss from the ``(B,)`` logits :math:`z = -\tfrac{\beta}{2}(\text{model\_diff}-\text{ref\_diff})`.
+def loss_from_logits(logits: torch.Tensor, loss_type: str = "sigmoid") -> torch.Tensor:
+    r"""The scalar loss from the ``(B,)`` logits :math:`z = -\tfrac{\beta}{2}(\text{model\_diff}-\text{ref\_diff})`.
+
+    β is already inside :math:`z`; each variant is a function of the logits alone.
 
     - ``sigmoid`` (the paper): :math:`\text{mean}_i[-\log\sigma(z_i)]`.
     - ``legacy_mean_inside`` (the first diffusers version, kept for teaching):
@@ -134,7 +136,7 @@ def diffusion_dpo_loss(
     ref_mse_w, ref_mse_l = split_pairs(ref_mse)
     ref_diff = ref_mse_w - ref_mse_l  # (B,)
     logits = -0.5 * beta * (model_diff - ref_diff)  # (B,)
-    loss = model_mse_w.mean() if loss_type == "sft" else dpo_losses(logits, beta, loss_type)
+    loss = model_mse_w.mean() if loss_type == "sft" else loss_from_logits(logits, loss_type)
     return DPOLossOutput(
         loss=loss,
         implicit_acc=implicit_accuracy(logits.detach()),
@@ -150,7 +152,7 @@ def diffusion_dpo_loss(
 
 
 
-def per_pair_weights(logits: torch.Tensor, beta: float = 1.0, loss_type: str = "sigmoid") -> torch.Tensor:
+def per_pair_weights(logits: torch.Tensor, loss_type: str = "sigmoid") -> torch.Tensor:
     r"""How hard each pair pulls: :math:`-\partial L / \partial z_i` for the ``(B,)`` logits.
 
     For the paper's loss this is :math:`\sigma(-z_i)/B`: pairs the policy already ranks right (large
@@ -158,5 +160,5 @@ def per_pair_weights(logits: torch.Tensor, beta: float = 1.0, loss_type: str = "
     :math:`\sigma(-\bar z)/B`, so a badly ranked pair can hide behind well-ranked ones.
     """
     z = logits.detach().clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(dpo_losses(z, beta, loss_type), z)
+    (grad,) = torch.autograd.grad(loss_from_logits(z, loss_type), z)
     return -grad

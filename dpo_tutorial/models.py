@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .hub import check_hub_reachable, is_hub_id
+
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
@@ -31,6 +33,7 @@ class DiffusionParts:
     unet: torch.nn.Module
     noise_scheduler: object
     is_sdxl: bool
+    vae_encode_batch_size: int = 8  # images per VAE encoder call (the diffusers script's default)
 
     def to(self, device: str | torch.device) -> "DiffusionParts":
         """Move the VAE, text encoders and UNet to ``device`` (in place); return self."""
@@ -51,7 +54,7 @@ def check_source(pretrained: str) -> Path | None:
         if not (path / "model_index.json").exists() and not (path / "unet").is_dir():
             raise ModelError(f"{pretrained} is not a diffusers pipeline folder (no model_index.json or unet/)")
         return path
-    if path.exists() or pretrained.startswith((".", "/", "~")) or pretrained.count("/") != 1:
+    if path.exists() or not is_hub_id(pretrained):
         raise ModelError(f"model folder {pretrained!r} does not exist: pass a diffusers pipeline folder "
                          "or a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'")
     return None
@@ -64,6 +67,7 @@ def _model_index(pretrained: str, local: Path | None) -> dict:
     from huggingface_hub import hf_hub_download
 
     try:
+        check_hub_reachable(f"model {pretrained!r}")  # fails at once offline instead of retrying
         return json.loads(Path(hf_hub_download(pretrained, "model_index.json")).read_text())
     except Exception as err:  # offline, unknown repo, gated repo...
         raise ModelError(f"could not fetch {pretrained!r} from the Hugging Face Hub ({type(err).__name__}). "
@@ -180,12 +184,19 @@ def sdxl_time_ids(original_sizes: torch.Tensor, crop_top_lefts: torch.Tensor, re
 
 
 @torch.no_grad()
-def encode_images(vae: torch.nn.Module, pixel_values: torch.Tensor,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """``(N, 3, H, W)`` pixels in [-1, 1] -> ``(N, C, H/f, W/f)`` scaled latents sampled from the VAE posterior."""
-    pixel_values = pixel_values.to(device=vae.device, dtype=vae.dtype)
-    latents = vae.encode(pixel_values).latent_dist.sample(generator)
-    return latents * vae.config.scaling_factor
+def encode_images(vae: torch.nn.Module, pixel_values: torch.Tensor, generator: torch.Generator | None = None,
+                  batch_size: int | None = 8) -> torch.Tensor:
+    """``(N, 3, H, W)`` pixels in [-1, 1] -> ``(N, C, H/f, W/f)`` scaled latents sampled from the VAE posterior.
+
+    Encodes ``batch_size`` images per call (``None``: all at once): the encoder's activations at 512 px
+    take ~0.5 GB per image in fp32, so 128 images in one call would not fit a 16 GB GPU.
+    """
+    step = batch_size or pixel_values.shape[0]
+    chunks = []
+    for start in range(0, pixel_values.shape[0], step):
+        pixels = pixel_values[start:start + step].to(device=vae.device, dtype=vae.dtype)
+        chunks.append(vae.encode(pixels).latent_dist.sample(generator))  # (b, C, h, w)
+    return torch.cat(chunks) * vae.config.scaling_factor
 
 
 def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -40,15 +40,15 @@ def beta_figure(delta_scale: float, betas=(500, 2000, 5000, 20000)):
     return fig
 
 
-def loss_variants_figure(beta: float = 1.0):
+def loss_variants_figure():
     """The sigmoid (paper), hinge and IPO per-pair losses as functions of the logit."""
     plt = _plt()
-    from .loss import dpo_losses
+    from .loss import loss_from_logits
 
     z = torch.linspace(-4, 4, 401)
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for kind in ("sigmoid", "hinge", "ipo"):
-        ax.plot(z, [dpo_losses(v.view(1), beta, kind).item() for v in z], label=kind)
+        ax.plot(z, [loss_from_logits(v.view(1), kind).item() for v in z], label=kind)
     ax.set(xlabel=r"logit $z = -\frac{\beta}{2}$(model_diff − ref_diff)", ylabel="per-pair loss", ylim=(0, 6))
     ax.legend()
     fig.tight_layout()
@@ -80,40 +80,80 @@ def geometry_figure(eps, pred_w, pred_l, ref_w, ref_l, title: str = "model_diff 
     return fig
 
 
+def _clipped_bins(values: np.ndarray, low: float, high: float, n: int = 50) -> np.ndarray:
+    """``n`` equal bins over the ``low``-``high`` percentiles of ``values`` (outliers left off the axis)."""
+    lo, hi = np.percentile(values, [low, high])
+    return np.linspace(lo, hi, n + 1) if hi > lo else np.linspace(lo - 1e-6, hi + 1e-6, n + 1)
+
+
 def spread_figure(shared: np.ndarray, independent: np.ndarray):
-    """Histograms of per-pair ``model_diff`` estimates with shared vs independent noise and timesteps."""
+    """Histograms of per-pair ``model_diff`` estimates with shared vs independent noise and timesteps.
+
+    The independent estimates have long tails, so one axis over their full range squeezes the shared ones
+    into a single bar: the left panel spans the independent estimates' 1st-99th percentiles, the right one
+    zooms on the shared estimates' 0.5th-99.5th.
+    """
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.4))
-    bins = np.linspace(min(shared.min(), independent.min()), max(shared.max(), independent.max()), 60)
-    ax.hist(independent, bins=bins, alpha=0.6, label=f"independent (sd {independent.std():.3g})")
-    ax.hist(shared, bins=bins, alpha=0.6, label=f"shared (sd {shared.std():.3g})")
-    ax.set(xlabel="model_diff estimate (one draw)", ylabel="count",
-           title=f"variance ratio independent / shared = {independent.var() / shared.var():.1f}")
-    ax.legend(fontsize=8)
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.4))
+    panels = [(_clipped_bins(independent, 1, 99), "both, on the independent estimates' scale"),
+              (_clipped_bins(shared, 0.5, 99.5), "zoomed on the shared estimates")]
+    for a, (bins, title) in zip(ax, panels):
+        inside = lambda v: v[(v >= bins[0]) & (v <= bins[-1])]  # noqa: E731
+        a.hist(inside(independent), bins=bins, alpha=0.6, color="C0",
+               label=f"independent (sd {independent.std():.3g})")
+        a.hist(inside(shared), bins=bins, alpha=0.6, color="C1", label=f"shared (sd {shared.std():.3g})")
+        left_off = len(independent) + len(shared) - len(inside(independent)) - len(inside(shared))
+        a.set(xlabel="model_diff estimate (one draw, centred per pair)", ylabel="count",
+              title=f"{title}\n({left_off} estimates beyond the axis)")
+        a.title.set_fontsize(9)
+        a.legend(fontsize=8)
+    fig.suptitle(f"variance ratio independent / shared = {independent.var() / shared.var():.1f}", fontsize=10)
     fig.tight_layout()
     return fig
 
 
+def smooth(values, window: int | None = None) -> np.ndarray:
+    """Centred moving average of ``values`` over ``window`` steps (default: 1/20 of them, odd); the window
+    shrinks at both ends, so the result has the same length and no edge dip."""
+    v = np.asarray(values, dtype=float)
+    window = max(1, len(v) // 20) if window is None else window
+    window = min(window | 1, len(v) - (1 - len(v) % 2)) if len(v) else 1
+    if window <= 1:
+        return v
+    kernel = np.ones(window)
+    return np.convolve(v, kernel, mode="same") / np.convolve(np.ones_like(v), kernel, mode="same")
+
+
+def _raw_and_smoothed(ax, steps, values, color: str, label: str = "") -> None:
+    """The per-step values faint, their moving average bold, in one colour."""
+    ax.plot(steps, values, color=color, alpha=0.25, lw=0.8)
+    ax.plot(steps, smooth(values), color=color, lw=1.8, label=label or None)
+
+
 def training_figure(history):
-    """Loss, implicit accuracy, reward margin and raw MSEs per step of a :class:`History`."""
+    """Loss, implicit accuracy, reward margin and raw MSEs of a :class:`History`: each step faint, the
+    moving average over 1/20 of the run bold (one batch's value is mostly noise)."""
     plt = _plt()
     steps = history["step"]
-    fig, ax = plt.subplots(1, 4, figsize=(14, 3))
-    ax[0].plot(steps, history["loss"])
+    window = max(1, len(steps) // 20) | 1
+    fig, ax = plt.subplots(1, 4, figsize=(14, 3.2))
+    _raw_and_smoothed(ax[0], steps, history["loss"], "C0")
     ax[0].axhline(np.log(2), ls=":", color="grey")
     ax[0].set(title="loss (log 2 = no preference)")
-    ax[1].plot(steps, history["implicit_acc"])
+    _raw_and_smoothed(ax[1], steps, history["implicit_acc"], "C0")
     ax[1].axhline(0.5, ls=":", color="grey")
     ax[1].set(title="implicit accuracy (batch)")
-    ax[2].plot(steps, history["reward_margin"])
+    _raw_and_smoothed(ax[2], steps, history["reward_margin"], "C0")
+    ax[2].axhline(0.0, ls=":", color="grey")
     ax[2].set(title="reward margin")
-    ax[3].plot(steps, history["model_mse_w"], label="policy, winners")
-    ax[3].plot(steps, history["model_mse_l"], label="policy, losers")
-    ax[3].plot(steps, history["raw_ref_loss"], label="reference, all", alpha=0.6)
+    for key, color, label in (("model_mse_w", "C2", "policy, winners"), ("model_mse_l", "C3", "policy, losers"),
+                              ("raw_ref_loss", "C7", "reference, all")):
+        _raw_and_smoothed(ax[3], steps, history[key], color, label)
     ax[3].set(title="raw MSE")
     ax[3].legend(fontsize=7)
     for a in ax:
         a.set_xlabel("step")
+    fig.suptitle(f"faint: each step; bold: moving average over {window} steps", fontsize=9)
     fig.tight_layout()
     return fig
 

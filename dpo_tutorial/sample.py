@@ -5,9 +5,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
-from .models import DiffusionParts
+from .models import DiffusionParts, reference_mode
 
 
 def make_pipeline(parts: DiffusionParts, unet: torch.nn.Module | None = None):
@@ -63,11 +63,8 @@ def generate(pipe, captions: list[str], seeds: list[int], steps: int = 25, guida
 
 def generate_with_and_without_lora(pipe, captions: list[str], seeds: list[int], **kw) -> tuple[np.ndarray, np.ndarray]:
     """(base images, DPO images): the same captions and seeds with the LoRA adapter off, then on."""
-    pipe.unet.disable_adapters()
-    try:
+    with reference_mode(pipe.unet):
         base = generate(pipe, captions, seeds, **kw)
-    finally:
-        pipe.unet.enable_adapters()
     return base, generate(pipe, captions, seeds, **kw)
 
 
@@ -81,3 +78,43 @@ def image_grid(rows: list[np.ndarray], scale: int = 1, pad: int = 2) -> Image.Im
             grid[y:y + h, x:x + w] = img
     image = Image.fromarray(grid)
     return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
+
+
+def _wrap(text: str, draw: ImageDraw.ImageDraw, font, width: float) -> list[str]:
+    """``text`` broken at spaces into lines no wider than ``width`` pixels (a longer word stays whole)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def labelled_grid(rows: list[np.ndarray], row_labels: list[str], captions: list[str], scale: int = 1,
+                  pad: int = 2, font_size: int | None = None) -> Image.Image:
+    """:func:`image_grid` with each row's label at its left and each column's caption above it (text height:
+    ``font_size`` pixels, by default 1/12 of an image and at least 12)."""
+    if len(row_labels) != len(rows) or len(captions) != rows[0].shape[0]:
+        raise ValueError(f"labelled_grid: {len(row_labels)} row labels and {len(captions)} captions for a grid of "
+                         f"{len(rows)} rows x {rows[0].shape[0]} columns; expected one per row and per column")
+    grid = image_grid(rows, scale=scale, pad=pad)
+    font_size = font_size or max(12, rows[0].shape[1] * scale // 12)
+    font = ImageFont.load_default(size=font_size)
+    measure = ImageDraw.Draw(grid)
+    w, h = rows[0].shape[2] * scale, rows[0].shape[1] * scale
+    step_x, step_y = (rows[0].shape[2] + pad) * scale, (rows[0].shape[1] + pad) * scale
+    wrapped = [_wrap(c, measure, font, w) for c in captions]
+    line_h = font_size + 3
+    left = int(max(measure.textlength(t, font=font) for t in row_labels)) + 10
+    top = line_h * max(len(lines) for lines in wrapped) + 6
+    canvas = Image.new("RGB", (grid.width + left, grid.height + top), "white")
+    canvas.paste(grid, (left, top))
+    draw = ImageDraw.Draw(canvas)
+    for c, lines in enumerate(wrapped):
+        centre = left + pad * scale + c * step_x + w / 2
+        for i, line in enumerate(lines):
+            draw.text((centre, 3 + i * line_h), line, fill="black", font=font, anchor="ma")
+    for r, label in enumerate(row_labels):
+        draw.text((left - 6, top + pad * scale + r * step_y + h / 2), label, fill="black", font=font, anchor="rm")
+    return canvas

@@ -62,7 +62,8 @@ def encode_batch(parts: DiffusionParts, batch: dict, generator: torch.Generator 
         latents = (mean + batch["latent_std"].to(mean.device) * noise) * parts.vae.config.scaling_factor
         prompt_embeds, pooled, time_ids = batch["prompt_embeds"], batch.get("pooled"), batch["time_ids"]
     else:
-        latents = encode_images(parts.vae, batch["pixel_values"], generator)  # (2B, C, h, w)
+        latents = encode_images(parts.vae, batch["pixel_values"], generator,
+                                parts.vae_encode_batch_size)  # (2B, C, h, w)
         prompt_embeds, pooled = encode_prompts(parts, batch["captions"])  # (B, L, D), (B, P) or None
         time_ids = None
         if parts.is_sdxl:

@@ -29,7 +29,9 @@ from .config import ConfigError, TrainConfig
 from .data import PairStream, PairTransform, load_pickapic
 from .loss import DPOLossOutput
 from .models import DiffusionParts, add_lora, check_source, frozen_copy, load_parts
+from .prefetch import Prefetcher
 from .step import dpo_step
+from .summary import heldout_accuracy, tail_means
 
 METRICS = ("loss", "implicit_acc", "raw_model_loss", "raw_ref_loss", "reward_margin",
            "model_mse_w", "model_mse_l")
@@ -43,6 +45,7 @@ class History:
     output_dir: str = ""
     lora_path: str | None = None
     data_summary: dict = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)  # the closing report (dpo_tutorial.summary), also summary.json
 
     def __getitem__(self, key: str) -> list:
         """All logged values of ``key``, in step order (e.g. ``history["loss"]``)."""
@@ -125,8 +128,8 @@ def _check_output_dir(config: TrainConfig) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output dir {config.output_dir!r} is a file: expected a folder (new or of this run)")
     if ckpt.list_checkpoints(config.output_dir) and not config.resume:
-        raise ConfigError(f"output dir {config.output_dir!r} already holds checkpoints of another run: pass "
-                          "--resume latest to continue it, or choose a new --output-dir")
+        raise ConfigError(f"output dir {config.output_dir!r} already holds checkpoints (of a run started "
+                          "earlier): pass --resume latest to continue it, or choose a new --output-dir")
 
 
 _LOCKS: dict[str, object] = {}  # output folder -> the open lock file this process holds
@@ -209,7 +212,7 @@ def apply_speed_options(config: TrainConfig, unets: list) -> None:
 RESUME_MAY_CHANGE = ("max_steps", "checkpoint_every", "checkpoints_total_limit", "resume", "report_to",
                      "num_threads", "num_processes", "max_nonfinite_steps", "sample_grid", "sample_steps",
                      "guidance_scale", "output_dir", "gradient_checkpointing", "compile_unet", "channels_last",
-                     "allow_tf32")
+                     "allow_tf32", "heldout_split", "heldout_pairs", "prefetch", "vae_encode_batch_size")
 PATH_FIELDS = ("pretrained", "vae", "dataset", "cache", "output_dir")
 
 
@@ -336,6 +339,7 @@ class TrainingRun:
     generator: torch.Generator
     out: Path
     history: History
+    batches: Prefetcher | None = None  # set by train(): the stream, read ahead in a background thread
 
 
 def setup_run(config: TrainConfig) -> TrainingRun:
@@ -358,6 +362,7 @@ def setup_run(config: TrainConfig) -> TrainingRun:
     check_source(config.pretrained)  # cheap checks first: a typo fails before anything heavy loads
     stream = make_stream(config, accelerator.process_index, accelerator.num_processes)
     parts = load_parts(config.pretrained, config.vae, config.prediction_type)
+    parts.vae_encode_batch_size = config.vae_encode_batch_size
     params, ref_unet = _prepare_model(parts, config, weight_dtype)
     for module in (parts.vae, *parts.text_encoders, *([ref_unet] if ref_unet is not None else [])):
         module.to(accelerator.device)
@@ -463,10 +468,12 @@ def _gradients_finite(run: TrainingRun) -> bool:
     return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in run.params)
 
 
-def _log(run: TrainingRun, step: int, outs: list[DPOLossOutput], updated: bool, seconds: float, bar) -> None:
+def _log(run: TrainingRun, step: int, outs: list[DPOLossOutput], updated: bool, seconds: float, bar,
+         data_seconds: float = 0.0) -> None:
+    """Append the step's record to ``history.jsonl`` (``data_seconds``: time the step waited for its batches)."""
     record = {"step": step, **_mean_metrics(outs, run.accelerator), "lr": run.lr_scheduler.get_last_lr()[0],
               "skipped_update": not updated, "skipped_pairs": sum(run.stream.skipped.values()),
-              "seconds": round(seconds, 3)}
+              "seconds": round(seconds, 3), "data_seconds": round(data_seconds, 4)}
     if run.accelerator.is_main_process:
         _append_jsonl(run.out / "history.jsonl", record)
         run.history.records.append(record)
@@ -479,7 +486,7 @@ def _save(run: TrainingRun, step: int, prune: bool = True) -> None:
     acc = run.accelerator
     ckpt.save_checkpoint(run.out, step, trainable=_trainable_state(acc.unwrap_model(run.unet)),
                          optimizer=run.optimizer, lr_scheduler=run.lr_scheduler, generator=run.generator,
-                         data_state=run.stream.state_dict(), extra={"config": run.config.to_dict()},
+                         data_state=(run.batches or run.stream).state_dict(), extra={"config": run.config.to_dict()},
                          rank=acc.process_index, world_size=acc.num_processes, barrier=acc.wait_for_everyone,
                          limit=run.config.checkpoints_total_limit if prune else None, scaler=acc.scaler)
 
@@ -491,22 +498,40 @@ def train(config: TrainConfig) -> History:
     launch`` / ``torchrun`` (effective batch = ``batch_size * grad_accum * processes`` pairs; only the
     main process logs, checkpoints and exports). Artefacts in ``config.output_dir``: ``history.jsonl``,
     ``config.json``, ``checkpoint-<step>/``, ``pytorch_lora_weights.safetensors`` (or ``unet/`` for a
-    full fine-tune), ``data_summary.json`` and, for LoRA runs, ``samples.png`` (top: base, bottom: DPO).
+    full fine-tune), ``data_summary.json``, ``summary.json`` (:mod:`dpo_tutorial.summary`: the last 10%
+    of steps averaged, and the held-out implicit-reward accuracy when ``heldout_split`` is set) and, for LoRA runs, ``samples.png`` (top: base, bottom: DPO).
     A non-finite loss or gradient skips that update; ``max_nonfinite_steps`` in a row save a checkpoint
     and stop with ``FloatingPointError`` (under fp16, overflowing gradients are the GradScaler's to skip).
     """
-    from tqdm.auto import tqdm
-
     run = setup_run(config)
     start_step = _resume_and_open_logs(run)
-    batches = iter(run.stream)
+    run.batches = Prefetcher(run.stream, config.prefetch)
+    try:
+        _loop(run, start_step)
+    finally:
+        run.batches.close()
+    run.history.data_summary = _data_summary(run.stream)
+    if run.accelerator.is_main_process:
+        _finish(run.accelerator.unwrap_model(run.unet), run.parts, config, run.history, run.stream.first_captions)
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
+    release_output_dir(run.out)
+    return run.history
+
+
+def _loop(run: TrainingRun, start_step: int) -> None:
+    """Optimizer steps ``start_step + 1 .. max_steps``: update, log, checkpoint, stop on repeated non-finite."""
+    from tqdm.auto import tqdm
+
+    config, batches = run.config, run.batches
     bar = tqdm(range(start_step, config.max_steps), initial=start_step, total=config.max_steps,
                desc="Diffusion-DPO", disable=not run.accelerator.is_local_main_process)
     t0, bad_in_a_row = time.perf_counter(), 0
     for step in bar:
+        waited = batches.total_wait
         outs, updated, finite = optimizer_step(run, batches)
         bad_in_a_row = 0 if finite else bad_in_a_row + 1
-        _log(run, step + 1, outs, updated, time.perf_counter() - t0, bar)
+        _log(run, step + 1, outs, updated, time.perf_counter() - t0, bar, batches.total_wait - waited)
         stop = bad_in_a_row >= config.max_nonfinite_steps
         if stop or step + 1 == config.max_steps or (
                 config.checkpoint_every and (step + 1) % config.checkpoint_every == 0):
@@ -516,13 +541,6 @@ def train(config: TrainConfig) -> History:
                 f"{bad_in_a_row} optimizer steps in a row had a non-finite loss or gradient (last at step "
                 f"{step + 1}); the learning rate ({run.optimizer.param_groups[0]['lr']:g} in use) or beta ({config.beta}) is probably too large, "
                 f"or fp16 overflowed (try bf16). Checkpoint saved in {run.out}")
-    run.history.data_summary = _data_summary(run.stream)
-    if run.accelerator.is_main_process:
-        _finish(run.accelerator.unwrap_model(run.unet), run.parts, config, run.history, run.stream.first_captions)
-    run.accelerator.wait_for_everyone()
-    run.accelerator.end_training()
-    release_output_dir(run.out)
-    return run.history
 
 
 def _data_summary(stream: PairStream) -> dict:
@@ -551,8 +569,12 @@ def _finish(unet, parts: DiffusionParts, config: TrainConfig, history: History, 
     else:
         history.lora_path = str(export_lora(unet, out, parts.is_sdxl))
     (out / "data_summary.json").write_text(json.dumps(history.data_summary, indent=1))
+    history.summary = tail_means(history.records)
+    if config.heldout_split and not config.full_finetune:
+        history.summary.update(heldout_accuracy(parts, unet, config))
+    (out / "summary.json").write_text(json.dumps(history.summary, indent=1))
     if config.sample_grid and not config.full_finetune and captions:
-        from .sample import generate_with_and_without_lora, image_grid, make_pipeline
+        from .sample import generate_with_and_without_lora, labelled_grid, make_pipeline
 
         unet.eval()
         caps = list(dict.fromkeys(captions))[:4]
@@ -560,4 +582,5 @@ def _finish(unet, parts: DiffusionParts, config: TrainConfig, history: History, 
         base, dpo = generate_with_and_without_lora(make_pipeline(parts, unet), caps, seeds,
                                                    steps=config.sample_steps, guidance_scale=config.guidance_scale,
                                                    resolution=config.resolution)
-        image_grid([base, dpo], scale=max(1, 128 // config.resolution)).save(out / "samples.png")
+        labelled_grid([base, dpo], ["base", "DPO"], caps, scale=max(1, 128 // config.resolution)).save(
+            out / "samples.png")

@@ -16,7 +16,8 @@ os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1)
 if torch.get_num_threads() != int(os.environ["OMP_NUM_THREADS"]):  # the call costs MKL its dynamic threading
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-from dpo_tutorial.fixtures import build_tiny_pipeline, encode_image, pickapic_row, write_pickapic_parquet  # noqa: E402
+from dpo_tutorial.fixtures import build_tiny_pipeline  # noqa: E402
+from dpo_tutorial.pickapic import encode_image, pickapic_row, write_pickapic_parquet  # noqa: E402
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
 

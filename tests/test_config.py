@@ -24,8 +24,11 @@ def test_invalid_values_name_field_and_expectation(field, value, message):
 
 
 def test_presets_are_valid_and_follow_the_public_recipes():
+    assert PRESET_NAMES == ("toy", "sd15", "sdxl")
     for name in PRESET_NAMES:
-        assert get_preset(name).validate()
+        get_preset(name).validate()  # raises ConfigError on any invalid field
+    toy = get_preset("toy")
+    assert toy.resolution == 32 and toy.heldout_split == "validation" and toy.output_dir == "runs/toy"
     sd15, sdxl = get_preset("sd15"), get_preset("sdxl")
     assert sd15.pretrained == "stable-diffusion-v1-5/stable-diffusion-v1-5" and sd15.resolution == 512
     assert sdxl.resolution == 1024 and sdxl.vae == "madebyollin/sdxl-vae-fp16-fix"
@@ -36,11 +39,64 @@ def test_presets_are_valid_and_follow_the_public_recipes():
         get_preset("toy", betta=1.0)
 
 
-def test_every_config_field_has_a_documented_flag():
-    help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+def _flag_value(f: dataclasses.Field):
+    """A value for field ``f`` that differs from the toy preset's, as it is typed on the command line."""
+    current = getattr(get_preset("toy"), f.name)
+    if isinstance(current, bool) or f.type in ("bool", bool):
+        return ["--no-" if current else "--"], (not current)
+    if f.name in ("loss_type", "mixed_precision", "lr_scheduler", "prediction_type", "report_to"):
+        value = {"loss_type": "hinge", "mixed_precision": "bf16", "lr_scheduler": "linear",
+                 "prediction_type": "v_prediction", "report_to": "tensorboard"}[f.name]
+        return ["--", value], value
+    if f.name == "resolution":
+        return ["--", "48"], 48
+    if "int" in str(f.type):
+        return ["--", "7"], 7
+    if "float" in str(f.type):
+        return ["--", "0.25"], 0.25
+    return ["--", "x/y"], "x/y"
+
+
+def test_every_config_field_is_a_flag_that_reaches_the_config():
+    """Each generated flag, given on the command line, lands in its own field and nowhere else."""
+    from dpo_tutorial.cli import config_from_args
+
+    parser = build_parser()
+    toy = get_preset("toy")
     for f in dataclasses.fields(TrainConfig):
-        assert "--" + f.name.replace("_", "-") in help_text, f.name
         assert f.metadata.get("help"), f.name
+        (prefix, *rest), expected = _flag_value(f)
+        argv = ["train", prefix + f.name.replace("_", "-"), *rest]
+        args = parser.parse_args(argv)
+        try:
+            config = config_from_args(args)
+        except ConfigError:  # a value some cross-field rule refuses: the flag still reached the field
+            assert getattr(args, f.name) == expected, f.name
+            continue
+        assert getattr(config, f.name) == expected, f.name
+        others = [g.name for g in dataclasses.fields(TrainConfig)
+                  if g.name != f.name and getattr(config, g.name) != getattr(toy, g.name)]
+        assert others == [], (f.name, others)
+
+
+def _flag_help(argv: list[str], flag: str) -> str:
+    """The help text of ``flag`` in ``dpo-tutorial <argv> --help``, parsed the way ``main`` parses it."""
+    from dpo_tutorial.cli import chosen_preset
+
+    parser = build_parser(chosen_preset(argv))
+    sub = parser._subparsers._group_actions[0].choices[argv[0]]
+    action = next(a for a in sub._actions if flag in a.option_strings)
+    return action.help % {}
+
+
+@pytest.mark.parametrize("argv,preset", [(["train"], "toy"), (["train", "--preset", "sd15"], "sd15"),
+                                         (["train", "--preset=sdxl"], "sdxl"), (["cache", "--preset", "sd15"], "sd15")])
+def test_help_shows_the_values_the_chosen_preset_runs(argv, preset):
+    values = get_preset(preset)
+    assert _flag_help(argv, "--beta").endswith(f"({preset} preset: {values.beta!r})")
+    assert _flag_help(argv, "--lr").endswith(f"({preset} preset: {values.lr!r})")
+    assert _flag_help(argv, "--lora-alpha") == f"LoRA alpha ({preset} preset: equal to rank)"
+    assert "else" not in _flag_help(argv, "--max-steps")
 
 
 def test_cli_bad_flag_value_is_one_line_error():
@@ -52,7 +108,7 @@ def test_cli_bad_flag_value_is_one_line_error():
 
 def test_notebook_settings_read_preset_and_overrides_from_the_environment(monkeypatch):
     from dpo_tutorial.config import ConfigError
-    from dpo_tutorial.settings import notebook_config, notebook_preset, pickscore_source
+    from dpo_tutorial.notebook_env import notebook_config, notebook_preset, pickscore_source
 
     monkeypatch.delenv("DPO_TUTORIAL_PRESET", raising=False)
     monkeypatch.delenv("DPO_TUTORIAL_OVERRIDES", raising=False)

@@ -40,14 +40,30 @@ def test_evaluate_returns_well_formed_numbers(sd_dir, pairs_parquet, tmp_path):
     captions = ["a red square", "a blue square"] * 4
     result, samples = evaluate(str(sd_dir), tmp_path, captions, list(range(8)), red, correct,
                                test_data=str(pairs_parquet), test_split="train", steps=2, num_draws=2)
-    d = result.to_dict()
-    assert d["n"] == 8 and samples["base_images"].shape == (8, 32, 32, 3)
-    for key in ("base_accuracy", "dpo_accuracy", "win_rate", "win_rate_ci_low", "win_rate_ci_high", "implicit_acc"):
-        assert 0.0 <= d[key] <= 1.0, key
-    assert d["win_rate_ci_low"] <= d["win_rate"] <= d["win_rate_ci_high"]
+    assert result.n == 8 and samples["base_images"].shape == (8, 32, 32, 3)
     assert not np.array_equal(samples["base_images"], samples["dpo_images"])  # the LoRA is applied
-    np.testing.assert_allclose(samples["base_scores"], red(samples["base_images"], captions))
+    base, dpo = red(samples["base_images"], captions), red(samples["dpo_images"], captions)  # independent scoring
+    np.testing.assert_allclose(samples["base_scores"], base)
+    np.testing.assert_allclose(samples["dpo_scores"], dpo)
+    wins = sum(1.0 if d > b + 1e-6 else 0.0 if d < b - 1e-6 else 0.5 for b, d in zip(base, dpo))
+    assert result.win_rate == pytest.approx(wins / 8)  # counted by hand, not with win_rate()
+    assert result.base_accuracy == pytest.approx(np.mean(base > 127))  # which column is which is checked
+    assert result.dpo_accuracy == pytest.approx(np.mean(dpo > 127))
+    assert result.base_mean_score == pytest.approx(base.mean()) and result.dpo_mean_score == pytest.approx(dpo.mean())
+    swapped, _, _ = win_rate(dpo, base)
+    assert swapped == pytest.approx(1 - result.win_rate)
+    assert result.win_rate_ci_low <= result.win_rate <= result.win_rate_ci_high
+    acc, scored = implicit_reward_accuracy(*_parts_with_lora(sd_dir, tmp_path), load_pickapic(str(pairs_parquet)), 32,
+                                           num_draws=2, return_count=True)
+    assert scored == 15 and result.implicit_acc == pytest.approx(acc)  # 12 good + 3 odd-format pairs; tie, corrupt out
     assert torch.is_grad_enabled()
+
+
+def _parts_with_lora(sd_dir, lora_dir):
+    from dpo_tutorial.evaluate import load_with_lora
+
+    pipe, parts = load_with_lora(str(sd_dir), lora_dir)
+    return parts, pipe.unet
 
 
 @pytest.fixture(scope="module")
@@ -99,5 +115,6 @@ def test_evaluate_with_pickscore_reports_nan_accuracy_and_a_win_rate(sd_dir, pai
     assert math.isnan(result.base_accuracy) and math.isnan(result.dpo_accuracy)
     np.testing.assert_allclose(samples["dpo_scores"], judge(samples["dpo_images"], captions))
     assert not np.array_equal(samples["base_scores"], samples["dpo_scores"])
-    expected, _, _ = win_rate(samples["base_scores"], samples["dpo_scores"])
-    assert result.win_rate == expected and result.n == 4
+    base, dpo = samples["base_scores"], samples["dpo_scores"]
+    wins = sum(1.0 if d > b + 1e-6 else 0.0 if d < b - 1e-6 else 0.5 for b, d in zip(base, dpo))
+    assert result.win_rate == pytest.approx(wins / 4) and result.n == 4

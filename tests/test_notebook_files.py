@@ -22,7 +22,7 @@ def test_notebook_is_stripped_uses_python3_and_imports_the_package(path):
         assert cell.get("outputs", []) == [], f"{path.name}: a cell has outputs"
         assert cell.get("execution_count") is None, f"{path.name}: a cell has an execution count"
     setup = "".join(code[0]["source"])
-    assert "pip" in setup and "from dpo_tutorial.settings import budget" in setup and "cuda.is_available" in setup
+    assert "pip" in setup and "from dpo_tutorial.notebook_env import budget" in setup and "cuda.is_available" in setup
     assert len(nb["cells"]) <= 30
 
 

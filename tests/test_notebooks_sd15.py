@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from dpo_tutorial.fixtures import build_tiny_pickscore, write_pickapic_parquet
+from dpo_tutorial.fixtures import build_tiny_pickscore
+from dpo_tutorial.pickapic import write_pickapic_parquet
 from conftest import make_rows
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))

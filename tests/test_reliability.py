@@ -16,7 +16,7 @@ from dpo_tutorial import checkpoint as ckpt
 from dpo_tutorial.cli import main
 from dpo_tutorial.config import TrainConfig
 from dpo_tutorial.data import PairStream, PairTransform, load_pickapic
-from dpo_tutorial.fixtures import encode_image, pickapic_row, write_pickapic_parquet
+from dpo_tutorial.pickapic import encode_image, pickapic_row, write_pickapic_parquet
 from dpo_tutorial.train import History, make_stream, train
 
 

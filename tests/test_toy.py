@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from dpo_tutorial.config import get_preset
+from dpo_tutorial.data import decode_image as decode
 from dpo_tutorial.toy import PAIRS_DIR, PIPELINE_DIR, judge, world
 
 pytestmark = pytest.mark.skipif(not (PIPELINE_DIR / "model_index.json").exists(), reason="toy assets not built")
@@ -70,7 +71,7 @@ def test_assets_are_small():
 @pytest.mark.parametrize("split", ["train", "validation", "test"])
 def test_shipped_pairs_pass_the_core_loader_with_their_tie_count(split):
     from dpo_tutorial.data import PairStream, PairTransform, load_pickapic
-    from dpo_tutorial.fixtures import pickapic_arrow_schema
+    from dpo_tutorial.pickapic import pickapic_arrow_schema
 
     path = PAIRS_DIR / f"{split}.parquet"
     assert pq.read_schema(path).equals(pickapic_arrow_schema(), check_metadata=False)
@@ -104,3 +105,35 @@ def test_evaluate_toy_small_sample(tmp_path, capsys):
     assert set(result) >= {"base_accuracy", "dpo_accuracy", "win_rate", "win_rate_ci_low", "win_rate_ci_high",
                            "implicit_acc", "n"}
     assert result["n"] == 24 and 0 <= result["win_rate_ci_low"] <= result["win_rate"] <= result["win_rate_ci_high"] <= 1
+
+
+def test_pretrain_script_smoke_run_writes_a_loadable_pipeline(tmp_path):
+    """`dpo-tutorial toy pretrain` with tiny counts: a StableDiffusionPipeline folder that samples images."""
+    from dpo_tutorial.sample import generate, load_pipeline
+    from dpo_tutorial.toy import pretrain
+
+    out = pretrain.pretrain(tmp_path / "sd", n_images=48, vae_steps=3, unet_steps=4, vae_batch=8, unet_batch=8,
+                            clean_steps=2)
+    images = generate(load_pipeline(out), ["a red circle", "a blue square"], [0, 1], steps=2, guidance_scale=1.0)
+    assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
+
+
+def test_pairs_script_smoke_run_writes_the_three_splits(tmp_path):
+    """`dpo-tutorial toy pairs` with tiny counts: three Pick-a-Pic v2 files with the judge's labels."""
+    from dpo_tutorial.data import load_pickapic
+    from dpo_tutorial.pickapic import pickapic_arrow_schema
+    from dpo_tutorial.toy import pairs
+
+    stats = pairs.make_pairs(out_dir=tmp_path, n_train=6, n_val=2, n_test=3, steps=2, label_noise=0.0)
+    assert {k: v["pairs"] for k, v in stats.items()} == {"train": 6, "validation": 2, "test": 3}
+    for split, n in (("train", 6), ("validation", 2), ("test", 3)):
+        assert pq.read_schema(tmp_path / f"{split}.parquet").equals(pickapic_arrow_schema(), check_metadata=False)
+        rows = load_pickapic(str(tmp_path), split)
+        assert len(rows) == n
+    rows = load_pickapic(str(tmp_path), "train")
+    scores = [judge.score_batch(np.stack([np.asarray(decode(r["jpg_0"])), np.asarray(decode(r["jpg_1"]))]),
+                                [r["caption"]] * 2).numpy() for r in rows]
+    clear = [(r, s0, s1) for r, (s0, s1) in zip(rows, scores) if abs(s0 - s1) > 0.05]  # beyond JPEG's rounding
+    assert clear, "no pair with a clear judge verdict"
+    for r, s0, s1 in clear:  # no label noise: each label is the judge's verdict
+        assert r["label_0"] == float(s0 > s1)

@@ -53,9 +53,21 @@ def test_exported_sdxl_lora_loads(sdxl_dir, pairs_parquet, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
     train(config(sdxl_dir, pairs_parquet, tmp_path, max_steps=2, lr=5e-2, sample_grid=False))
+    from safetensors.torch import load_file
+
+    exported = load_file(str(tmp_path / "pytorch_lora_weights.safetensors"))
     pipe = StableDiffusionXLPipeline.from_pretrained(str(sdxl_dir))
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=2, output_type="np", height=32, width=32)
+    base = pipe(["a red square"], generator=torch.Generator().manual_seed(0), **kw).images
     pipe.load_lora_weights(str(tmp_path))
-    assert any("lora" in n for n, _ in pipe.unet.named_parameters())
+    loaded = {n: p for n, p in pipe.unet.named_parameters() if ".lora_" in n}
+    # every exported tensor became a LoRA parameter of the SDXL UNet, with the trained values
+    assert len(loaded) == len(exported) > 0
+    assert sorted(v.abs().sum().item() for v in loaded.values()) == pytest.approx(
+        sorted(v.abs().sum().item() for v in exported.values()), rel=1e-5)
+    tuned = pipe(["a red square"], generator=torch.Generator().manual_seed(0), **kw).images
+    assert np.abs(tuned - base).max() > 1e-4
 
 
 def test_resume_matches_an_uninterrupted_run(sd_dir, pairs_parquet, tmp_path):

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dpo_tutorial.fixtures import encode_image, pickapic_arrow_schema
+from dpo_tutorial.pickapic import encode_image, pickapic_row, write_pickapic_parquet
 from dpo_tutorial.sample import generate, load_pipeline
 from dpo_tutorial.toy import GUIDANCE_SCALE, PAIRS_DIR, PIPELINE_DIR, SAMPLE_STEPS, judge, world
 
@@ -51,30 +51,19 @@ def _uid(rng: np.random.Generator) -> str:
 
 
 def build_rows(img0: np.ndarray, img1: np.ndarray, captions: list[str], labels: np.ndarray,
-               rng: np.random.Generator, first_ranking_id: int) -> dict[str, list]:
-    """Column-wise Pick-a-Pic v2 rows for a split."""
+               rng: np.random.Generator, first_ranking_id: int) -> list[dict]:
+    """One Pick-a-Pic v2 row per pair (:func:`dpo_tutorial.pickapic.pickapic_row`), with reproducible uids."""
     n = len(captions)
     uid0 = [_uid(rng) for _ in range(n)]
     uid1 = [_uid(rng) for _ in range(n)]
     counts = {c: captions.count(c) for c in set(captions)}
-    best = [u0 if lab == 1.0 else u1 if lab == 0.0 else "" for u0, u1, lab in
-            zip(uid0, uid1, labels)]
     seconds = np.sort(rng.integers(0, 30 * 24 * 3600, size=n))
-    url = "https://example.invalid/pickapic-shapes/{}.jpg"
-    return {
-        "are_different": [not np.array_equal(a, b) for a, b in zip(img0, img1)],
-        "best_image_uid": best, "caption": list(captions),
-        "created_at": list(BASE_TIME + seconds.astype("timedelta64[s]")),
-        "has_label": [True] * n,
-        "image_0_uid": uid0, "image_0_url": [url.format(u) for u in uid0],
-        "image_1_uid": uid1, "image_1_url": [url.format(u) for u in uid1],
-        "jpg_0": [encode_image(im) for im in img0], "jpg_1": [encode_image(im) for im in img1],
-        "label_0": [float(x) for x in labels], "label_1": [1.0 - float(x) for x in labels],
-        "model_0": [MODEL_NAME] * n, "model_1": [MODEL_NAME] * n,
-        "ranking_id": list(range(first_ranking_id, first_ranking_id + n)),
-        "user_id": [int(u) for u in rng.integers(1, 200, size=n)],
-        "num_example_per_prompt": [counts[c] for c in captions],
-    }
+    created = BASE_TIME + seconds.astype("timedelta64[s]")
+    users = rng.integers(1, 200, size=n)
+    return [pickapic_row(captions[i], encode_image(img0[i]), encode_image(img1[i]), labels[i], first_ranking_id + i,
+                         uids=(uid0[i], uid1[i]), created_at=created[i], model=MODEL_NAME, user_id=users[i],
+                         num_example_per_prompt=counts[captions[i]], url="https://example.invalid/pickapic-shapes/{}.jpg")
+            for i in range(n)]
 
 
 def make_pairs(pipeline_dir: str | Path = DEFAULT_PIPELINE, out_dir: str | Path = DEFAULT_OUT,
@@ -82,9 +71,6 @@ def make_pairs(pipeline_dir: str | Path = DEFAULT_PIPELINE, out_dir: str | Path 
                label_noise: float = 0.1, steps: int = NUM_INFERENCE_STEPS,
                guidance: float = GUIDANCE_SCALE) -> dict[str, dict[str, float]]:
     """Sample, judge and write ``out_dir/{train,validation,test}.parquet``; returns split stats."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     pipe = load_pipeline(pipeline_dir)
     rng = np.random.default_rng(seed)
     out = Path(out_dir)
@@ -100,7 +86,7 @@ def make_pairs(pipeline_dir: str | Path = DEFAULT_PIPELINE, out_dir: str | Path 
         labels = judge_labels(img0, img1, captions, rng, label_noise)
         rows = build_rows(img0, img1, captions, labels, rng, ranking_id)
         ranking_id += n
-        pq.write_table(pa.table(rows, schema=pickapic_arrow_schema()), out / f"{split}.parquet")
+        write_pickapic_parquet(out / f"{split}.parquet", rows)
         colour_ok = judge.correct_batch(imgs, captions + captions)[0].float().mean().item()
         stats[split] = {"pairs": n, "ties": float(np.mean(labels == 0.5)),
                         "colour_acc": colour_ok, "seconds": time.time() - start}

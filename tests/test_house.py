@@ -1,0 +1,43 @@
+"""House rules that a reader relies on: no module reaches into another's private names."""
+import ast
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _source(path: Path) -> str:
+    """A Python file's text, or a notebook's code cells joined (IPython magics dropped)."""
+    if path.suffix != ".ipynb":
+        return path.read_text()
+    cells = json.loads(path.read_text())["cells"]
+    lines = [line for c in cells if c["cell_type"] == "code" for line in "".join(c["source"]).splitlines()]
+    return "\n".join(line for line in lines if not line.lstrip().startswith(("%", "!")))
+
+
+def _private_imports(path: Path) -> list[str]:
+    """``from x import _name`` and ``module._name`` uses of *our* modules in one file or notebook."""
+    tree = ast.parse(_source(path))
+    own = {p.stem for p in (ROOT / "dpo_tutorial").rglob("*.py")} | {"dpo_tutorial", "toy"}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("dpo_tutorial")):
+            found += [f"{path.name}: from {node.module} import {a.name}" for a in node.names
+                      if a.name.startswith("_") and not a.name.startswith("__")]
+        if (isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+                and isinstance(node.value, ast.Name) and node.value.id in own):
+            found.append(f"{path.name}: {node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_module_imports_another_modules_private_names():
+    files = [*(ROOT / "dpo_tutorial").rglob("*.py"), *(ROOT / "tests").glob("*.py"), *(ROOT / "benchmarks").glob("*.py"),
+             *(ROOT / "notebooks").glob("*.ipynb")]
+    offenders = [hit for f in files for hit in _private_imports(f)]
+    assert offenders == []
+
+
+def test_the_private_import_check_can_fail(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from dpo_tutorial.train import _finish\nfrom .data import _rows\nimport train\ntrain._setup()\n")
+    assert len(_private_imports(bad)) == 3
