@@ -15,6 +15,7 @@ images with the same seed — and gives the same losses (``tests/test_cache.py``
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .data import DataError, PairTransform, decode_image, drop_caption, load_pickapic, pair_order
+from .data import DataError, PairTransform, SkipRow, decode_image, drop_caption, load_pickapic, pair_order
 from .models import encode_prompts, load_parts
 
 CACHE_VERSION = 1
@@ -42,7 +43,7 @@ def _encode_rows(parts, rows: list[dict], transform: PairTransform, flips: int):
     for row in rows:
         try:
             imgs = [decode_image(row["jpg_0"]), decode_image(row["jpg_1"])]
-        except ValueError:
+        except SkipRow:
             imgs = None
         ok.append(imgs is not None)
         size = transform.resolution
@@ -65,6 +66,8 @@ def build_cache(config, out_dir: str | Path, batch_size: int = 64, shard_size: i
 
     Writes ``manifest.json``, ``text.safetensors`` and ``shard-<k>.safetensors`` to ``out_dir``.
     Center crops only (a random crop cannot be precomputed); both orientations when ``random_flip``.
+    Every file is written under a temporary name and renamed into place, and ``manifest.json`` (what makes
+    the folder a cache) is removed first and written last: a cut build never looks finished.
     """
     from tqdm.auto import tqdm
 
@@ -74,6 +77,7 @@ def build_cache(config, out_dir: str | Path, batch_size: int = 64, shard_size: i
         raise DataError("a latent cache is built from a local or downloaded split, not a stream")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)
     parts = load_parts(config.pretrained, config.vae, config.prediction_type)
     ds = load_pickapic(config.dataset, config.split)
     transform, flips = PairTransform(config.resolution), 2 if config.random_flip else 1
@@ -83,22 +87,31 @@ def build_cache(config, out_dir: str | Path, batch_size: int = 64, shard_size: i
     text = {"embeds": torch.cat(embeds).float().contiguous()}
     if parts.is_sdxl:
         text["pooled"] = torch.cat(pooled).float().contiguous()
-    save_file(text, str(out / "text.safetensors"))
+    _save_atomic(text, out / "text.safetensors")
     caption_id = {c: i for i, c in enumerate(captions)}
     for start in tqdm(range(0, len(ds), shard_size), desc="caching shards"):
         rows = ds.select(range(start, min(start + shard_size, len(ds))))
         chunks = [_encode_rows(parts, [rows[j] for j in range(i, min(i + batch_size, len(rows)))], transform, flips)
                   for i in range(0, len(rows), batch_size)]
         mean, std, time_ids, ok = (torch.cat(t) for t in zip(*chunks))
-        save_file({"mean": mean, "std": std, "time_ids": time_ids, "ok": ok,
-                   "caption_id": torch.tensor([caption_id[c or ""] for c in rows["caption"]])},
-                  str(out / f"shard-{start // shard_size:05d}.safetensors"))
+        _save_atomic({"mean": mean, "std": std, "time_ids": time_ids, "ok": ok,
+                      "caption_id": torch.tensor([caption_id[c or ""] for c in rows["caption"]])},
+                     out / f"shard-{start // shard_size:05d}.safetensors")
     manifest = {"version": CACHE_VERSION, **_fingerprint(config), "dataset": config.dataset, "split": config.split,
                 "num_rows": len(ds), "random_flip": config.random_flip, "is_sdxl": parts.is_sdxl,
                 "shard_size": shard_size, "scaling_factor": parts.vae.config.scaling_factor,
                 "captions": captions, "label_0": [None if x is None else float(x) for x in ds["label_0"]]}
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    tmp = out / ".tmp-manifest.json"
+    tmp.write_text(json.dumps(manifest))
+    os.replace(tmp, out / "manifest.json")
     return out
+
+
+def _save_atomic(tensors: dict, path: Path) -> None:
+    """``save_file`` to a temporary name, then rename into place."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
 
 
 def check_cache(path: str | Path, config) -> dict:
@@ -166,10 +179,10 @@ class LatentCache:
         """Same random decisions as ``make_example`` (flip, caption dropout), looked up instead of computed."""
         order = pair_order(row["label_0"])
         if order in ("tie", "invalid"):
-            raise ValueError(order)
+            raise SkipRow(order)
         cached = self._row(row["index"])
         if not bool(cached["ok"]):
-            raise ValueError("undecodable")
+            raise SkipRow("undecodable")
         _, _, flip = self.transform.decide(rng)
         sides = [0, 1] if order == "0" else [1, 0]  # winner first
         caption_id = int(cached["caption_id"])

@@ -177,8 +177,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """``dpo-tutorial evaluate``: the toy evaluation, as a table or one JSON object."""
     from pathlib import Path
 
+    for flag, value in (("--per-caption", args.per_caption), ("--num-draws", args.num_draws)):
+        if value < 1:
+            raise ConfigError(f"invalid {flag} {value}: expected an integer >= 1")
     if not (Path(args.lora) / "pytorch_lora_weights.safetensors").exists():
-        from .config import ConfigError
         raise ConfigError(f"--lora {args.lora!r} holds no pytorch_lora_weights.safetensors: pass a train output dir")
     print_toy_evaluation(args.lora, args.per_caption, args.num_draws, args.json)
     return 0

@@ -7,6 +7,7 @@ text is each field's ``metadata["help"]``), notebooks and tests construct it dir
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from .loss import LOSS_TYPES
@@ -18,6 +19,11 @@ PREDICTION_TYPES = (None, "epsilon", "v_prediction")
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field, the value and what is expected."""
+
+
+def _finite(value) -> bool:
+    """True for a finite int or float (NaN and ±inf are not)."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _f(default, help: str, **kw):
@@ -99,11 +105,14 @@ class TrainConfig:
             (bool(self.pretrained), "pretrained", "a pipeline folder or hub id"),
             (bool(self.dataset), "dataset", "a Pick-a-Pic-format hub id, folder or .parquet file"),
             (self.resolution >= 8 and self.resolution % 8 == 0, "resolution", "a positive multiple of 8"),
-            (self.beta > 0, "beta", "a number > 0 (the paper uses 2000-5000)"),
+            (_finite(self.beta) and self.beta > 0, "beta", "a finite number > 0 (the paper uses 2000-5000)"),
             (self.batch_size >= 1, "batch_size", "an integer >= 1"),
             (self.grad_accum >= 1, "grad_accum", "an integer >= 1"),
             (self.max_steps >= 1, "max_steps", "an integer >= 1"),
-            (self.lr > 0, "lr", "a number > 0"),
+            (_finite(self.lr) and self.lr > 0, "lr", "a finite number > 0"),
+            (_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "a finite number >= 0"),
+            (_finite(self.guidance_scale), "guidance_scale", "a finite number (e.g. 7.5)"),
+            (self.sample_steps >= 1, "sample_steps", "an integer >= 1"),
             (self.rank >= 1, "rank", "an integer >= 1"),
             (self.lora_alpha is None or self.lora_alpha > 0, "lora_alpha", "a number > 0"),
             (0.0 <= self.empty_prompt_prob <= 1.0, "empty_prompt_prob", "a probability in [0, 1]"),
@@ -116,7 +125,7 @@ class TrainConfig:
             (self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 1,
              "checkpoints_total_limit", "an integer >= 1"),
             (self.max_train_pairs is None or self.max_train_pairs >= 1, "max_train_pairs", "an integer >= 1"),
-            (self.max_grad_norm >= 0, "max_grad_norm", "a number >= 0"),
+            (_finite(self.max_grad_norm) and self.max_grad_norm >= 0, "max_grad_norm", "a finite number >= 0"),
             (self.report_to in (None, "tensorboard", "wandb"), "report_to", "tensorboard or wandb"),
             (self.num_threads is None or self.num_threads >= 1, "num_threads", "an integer >= 1"),
             (self.num_processes is None or self.num_processes >= 1, "num_processes", "an integer >= 1"),

@@ -23,8 +23,27 @@ from .hub import check_hub_reachable, is_hub_id
 from .pickapic import REQUIRED_COLUMNS, schema_text
 
 
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")  # what a preference dataset holds; nothing else is even opened
+MAX_ASPECT_RATIO = 8.0  # longer side / shorter side; beyond it the resize to the training size explodes
+MAX_IMAGE_PIXELS = 64_000_000  # per image, before resizing (PIL's own bomb limit is ~179 M)
+
+
 class DataError(ValueError):
     """The dataset cannot be used; the message names the source, column or value and what was expected."""
+
+
+class SkipRow(ValueError):
+    """A row that cannot be a training pair; ``reason`` names why (counted under that name, never fatal).
+
+    Reasons: ``tie``, ``invalid`` (label), ``missing_image`` (None), ``not_bytes`` (e.g. a string),
+    ``undecodable`` (empty, corrupt or not JPEG/PNG/WebP), ``oversized`` (extreme aspect ratio or size).
+    Only this exception is skipped: any other error in a row (a plain ``ValueError`` included) is a bug and
+    propagates. It subclasses ``ValueError`` so older callers that caught that keep working.
+    """
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
 
 
 # ----------------------------------------------------------------------------------------- loading
@@ -58,18 +77,68 @@ def load_pickapic(source: str, split: str = "train", streaming: bool = False):
                         "parquet files or a hub id such as 'yuvalkirstain/pickapic_v2'")
     else:
         files = None
+    if files is not None:
+        check_parquet_files(files)
     try:
         if files is not None:
             ds = datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming)
         else:
             check_hub_reachable(f"dataset {source!r}")  # fails at once offline instead of retrying
             ds = datasets.load_dataset(source, split=split, streaming=streaming)
+    except datasets.exceptions.DatasetGenerationError as err:
+        raise DataError(f"could not read dataset {source!r} split {split!r} ({str(err.__cause__ or err)[:200]})") from err
     except (ConnectionError, OSError) as err:
         raise DataError(f"could not load dataset {source!r} split {split!r} from the Hugging Face Hub "
                         f"({type(err).__name__}: {str(err)[:200]}). Offline? Pass a local parquet file "
                         "or folder in the Pick-a-Pic v2 schema instead.") from err
     check_columns(ds.column_names, source)
+    if not streaming and len(ds) == 0:
+        raise DataError(f"dataset {source!r} split {split!r} has 0 rows: expected Pick-a-Pic-format pairs")
     return ds
+
+
+# arrow type names each required column may have (datasets' Image feature is a struct with bytes)
+_COLUMN_TYPES = {"caption": ("string", "large_string", "null"),
+                 "label_0": ("double", "float", "int", "uint", "halffloat", "null"),
+                 "jpg_0": ("binary", "large_binary", "struct"), "jpg_1": ("binary", "large_binary", "struct")}
+
+
+def _type_ok(column: str, arrow_type) -> bool:
+    name = str(arrow_type)
+    return any(name.startswith(t) for t in _COLUMN_TYPES[column])
+
+
+def check_parquet_files(files: list[str]) -> None:
+    """Before loading: every file is parquet, the required columns have usable types and every file agrees.
+
+    Raises :class:`DataError` naming the file (not parquet, wrong column type) or the mixed schemas.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    first, rows = None, 0
+    for f in files:
+        try:
+            schema = pq.read_schema(f)
+            rows += pq.ParquetFile(f).metadata.num_rows
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(f"{f} is not a readable parquet file ({str(err)[:120]}): expected Pick-a-Pic "
+                            "v2 parquet") from err
+        check_columns(schema.names, f)
+        types = {c: schema.field(c).type for c in REQUIRED_COLUMNS}
+        bad = [f"{c} is {t}" for c, t in types.items() if not _type_ok(c, t)]
+        if bad:
+            raise DataError(f"{f}: {'; '.join(bad)}: expected caption string, label_0 numeric, jpg_0/jpg_1 "
+                            "binary image bytes")
+        if first is None:
+            first = (f, types)
+        elif types != first[1]:
+            diffs = [f"{c}: {first[1][c]} vs {types[c]}" for c in REQUIRED_COLUMNS if types[c] != first[1][c]]
+            raise DataError(f"{first[0]} and {f} have different schemas ({'; '.join(diffs)}): expected one "
+                            "schema for all files of a split")
+    if rows == 0:
+        raise DataError(f"{files[0] if len(files) == 1 else f'{len(files)} parquet files'} hold 0 rows: expected "
+                        "Pick-a-Pic-format pairs")
 
 
 def check_columns(column_names, source: str = "dataset") -> None:
@@ -89,9 +158,12 @@ def pair_order(label_0) -> str:
     Labels strictly between 0 and 1 (averaged votes) go to the larger side; NaN, None or values outside
     [0, 1] are invalid.
     """
-    if label_0 is None:
+    if label_0 is None or isinstance(label_0, (str, bytes)):
         return "invalid"
-    label = float(label_0)
+    try:
+        label = float(label_0)
+    except (TypeError, ValueError):
+        return "invalid"
     if math.isnan(label) or not 0.0 <= label <= 1.0:
         return "invalid"
     if label == 0.5:
@@ -101,22 +173,43 @@ def pair_order(label_0) -> str:
 
 # ---------------------------------------------------------------------------------------- decoding
 def decode_image(data) -> Image.Image:
-    """JPEG/PNG/... bytes (or a PIL image) -> RGB PIL image; grayscale, CMYK, palette and RGBA included.
+    """JPEG, PNG or WebP bytes (or a PIL image) -> RGB PIL image; grayscale, CMYK, palette and RGBA included.
 
-    Raises ``ValueError`` when the bytes are empty or not a readable image.
+    Only :data:`IMAGE_FORMATS` are opened (an EPS or PDF row never reaches another decoder), and the size
+    is checked (:func:`check_image_size`) before any pixel is decoded. Raises :class:`SkipRow`:
+    ``missing_image`` for None, ``not_bytes`` for a string or other type, ``undecodable`` for empty,
+    corrupt or other-format bytes, ``oversized`` for an extreme shape.
     """
     if isinstance(data, Image.Image):
+        check_image_size(data.size)
         return data.convert("RGB")
     if isinstance(data, dict):  # datasets' Image feature stores {"bytes": ..., "path": ...}
         data = data.get("bytes")
+    if data is None:
+        raise SkipRow("missing_image")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise SkipRow("not_bytes", type(data).__name__)
     if not data:
-        raise ValueError("empty image bytes")
+        raise SkipRow("undecodable", "empty image bytes")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
+            check_image_size(img.size)
             img.load()
             return img.convert("RGB")
-    except Exception as err:  # PIL raises several types for truncated or corrupt data
-        raise ValueError(f"undecodable image ({type(err).__name__}: {err})") from err
+    except SkipRow:
+        raise
+    except Exception as err:  # PIL raises several types for truncated, corrupt or unsupported data
+        raise SkipRow("undecodable", f"{type(err).__name__}: {str(err)[:100]}") from err
+
+
+def check_image_size(size: tuple[int, int]) -> None:
+    """Raise ``SkipRow('oversized')`` for an image too large or too elongated to resize cheaply.
+
+    A 1 x 2,000,000 px PNG is 2 KB but resizing its short side to 512 px asks for ~25 GB.
+    """
+    w, h = size
+    if min(w, h) < 1 or max(w, h) / min(w, h) > MAX_ASPECT_RATIO or w * h > MAX_IMAGE_PIXELS:
+        raise SkipRow("oversized", f"{w}x{h} px (at most {MAX_ASPECT_RATIO:g}:1 and {MAX_IMAGE_PIXELS} px)")
 
 
 @dataclass
@@ -129,6 +222,7 @@ class PairTransform:
 
     def _one(self, img: Image.Image, fx: float, fy: float, flip: bool):
         w, h = img.size
+        check_image_size((w, h))  # bounds the resize below to MAX_ASPECT_RATIO * resolution**2 pixels
         scale = self.resolution / min(w, h)
         new_w, new_h = max(self.resolution, round(w * scale)), max(self.resolution, round(h * scale))
         img = img.resize((new_w, new_h), Image.BILINEAR)
@@ -177,11 +271,14 @@ def make_example(row: dict, transform: PairTransform, rng: random.Random,
                  empty_prompt_prob: float = 0.0) -> PairExample:
     """Turn one dataset row into a winner-first :class:`PairExample`.
 
-    Raises ``ValueError`` for ties, invalid labels or undecodable images (callers skip and count).
+    Raises :class:`SkipRow` for ties, invalid labels, a caption that is not text, or images that are
+    missing, not bytes, undecodable or oversized (callers skip and count by reason).
     """
     order = pair_order(row["label_0"])
     if order in ("tie", "invalid"):
-        raise ValueError(order)
+        raise SkipRow(order)
+    if row["caption"] is not None and not isinstance(row["caption"], str):
+        raise SkipRow("bad_caption", type(row["caption"]).__name__)
     winner, loser = ("jpg_0", "jpg_1") if order == "0" else ("jpg_1", "jpg_0")
     img_w, img_l = decode_image(row[winner]), decode_image(row[loser])
     (x_w, size_w, crop_w), (x_l, size_l, crop_l) = transform(img_w, img_l, rng)
@@ -275,7 +372,7 @@ class PairStream:
 
     def _examples(self):
         while True:
-            produced = False
+            whole_pass, produced, seen = self.position == 0, False, Counter()
             for i, row in self._rows():
                 self.position = i + 1
                 rng = random.Random(f"{self.seed}-{self.epoch}-{i}")
@@ -285,16 +382,23 @@ class PairStream:
                 except KeyError as err:
                     check_columns(list(row), "streamed dataset")
                     raise DataError(f"row {i} has no column {err}") from err
-                except ValueError as err:
+                except SkipRow as skip:
+                    seen[skip.reason] += 1
                     if self.epoch == 0:  # later epochs meet the same bad rows again: count each once
-                        self.skipped[str(err) if str(err) in ("tie", "invalid") else "undecodable"] += 1
+                        self.skipped[skip.reason] += 1
                     continue
                 produced = True
                 yield example
-            if not produced and self.position == 0:
-                raise DataError("the dataset yielded no usable pair in a whole epoch "
-                                f"(skipped: {dict(self.skipped)})")
+            if not produced and whole_pass:
+                raise DataError(self._nothing_usable(seen))
             self.epoch, self.position = self.epoch + 1, 0
+
+    def _nothing_usable(self, seen: Counter) -> str:
+        """``'0 of 16 rows usable: 16 undecodable'``: why a whole pass gave no pair, by cause."""
+        seen = seen + Counter({"tie": self.ties, "invalid": self.invalid_labels})
+        causes = ", ".join(f"{n} {reason}" for reason, n in seen.most_common() if n)
+        return (f"0 of {sum(seen.values())} rows usable: {causes or 'no rows'} (expected label_0 in [0, 1] "
+                "but not 0.5, a text caption and JPEG/PNG/WebP bytes in jpg_0 and jpg_1)")
 
     def __iter__(self):
         """Yield collated batches of ``batch_size`` pairs forever (epochs roll over)."""

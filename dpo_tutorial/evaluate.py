@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import PairTransform, collate_pairs, load_pickapic, make_example, pair_order
+from .data import DataError, PairTransform, SkipRow, collate_pairs, load_pickapic, make_example, pair_order
 from .loss import implicit_accuracy
 
 
@@ -84,10 +84,10 @@ def implicit_reward_accuracy(parts, unet, dataset, resolution: int, num_draws: i
             continue
         try:
             examples.append(make_example(row, transform, random.Random(0)))
-        except ValueError:
+        except SkipRow:
             continue
     if not examples:
-        raise ValueError("no decodable non-tie pairs to score")
+        raise DataError("no decodable non-tie pairs to score: expected held-out pairs with JPEG/PNG/WebP images")
     unet.eval()
     logits = torch.zeros(len(examples))
     generator = torch.Generator(device=parts.vae.device).manual_seed(seed)
@@ -129,10 +129,35 @@ def load_with_lora(pretrained: str, lora_dir: str | Path, device: str | torch.de
     from .sample import load_pipeline
 
     pipe = load_pipeline(pretrained, device)
-    pipe.load_lora_weights(str(lora_dir))
+    check_lora_fits(pipe, pretrained, lora_dir)
     train_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     parts = DiffusionParts([pipe.tokenizer], [pipe.text_encoder], pipe.vae, pipe.unet, train_scheduler, False)
     return pipe, parts
+
+
+def check_lora_fits(pipe, pretrained: str, lora_dir: str | Path) -> None:
+    """Load the LoRA in ``lora_dir`` into ``pipe``; raise ``ModelError`` unless every tensor of it fits.
+
+    A LoRA trained on another model either fails on shapes or (other layer names) loads nothing at all,
+    which would silently evaluate the base model against itself.
+    """
+    from safetensors import safe_open
+
+    from .models import ModelError
+
+    path = Path(lora_dir) / "pytorch_lora_weights.safetensors"
+    try:
+        with safe_open(str(path), "pt") as f:
+            expected = len(list(f.keys()))
+        pipe.load_lora_weights(str(lora_dir))
+    except Exception as err:  # diffusers/peft raise RuntimeError, ValueError, KeyError... on a mismatch
+        first = " ".join(str(err).split())[:160] or type(err).__name__
+        raise ModelError(f"the LoRA in {lora_dir} does not fit {pretrained} ({first}): expected a LoRA "
+                         "trained on this model") from err
+    loaded = sum("lora_" in n for n, _ in pipe.unet.named_parameters())
+    if loaded != expected:
+        raise ModelError(f"the LoRA in {lora_dir} does not fit {pretrained}: {loaded} of its {expected} tensors "
+                         "match this model's layers; expected a LoRA trained on this model")
 
 
 def evaluate(pretrained: str, lora_dir: str | Path, captions: list[str], seeds: list[int], judge_score,

@@ -3,7 +3,9 @@
 :func:`plan_rerun` looks at ``<output_dir>``, then ``<output_dir>-2``, ``-3``, ... and picks the first
 folder that either holds no checkpoints (train there) or holds a run with the same settings: finished
 (report it, train nothing) or interrupted (resume it from its latest checkpoint). A run with other
-settings is never touched. ``--resume`` given explicitly skips all this: the user chose.
+settings is never touched. "The same settings" means what a resume accepts
+(:func:`dpo_tutorial.train.config_differences`): a larger ``max_steps`` resumes a finished run and extends
+it. ``--resume`` given explicitly skips all this: the user chose.
 """
 from __future__ import annotations
 
@@ -13,11 +15,7 @@ from pathlib import Path
 
 from .checkpoint import list_checkpoints
 from .config import TrainConfig
-
-# fields that do not change what is trained: a rerun that differs only in these is the same run
-NOT_PART_OF_THE_RUN = ("output_dir", "resume", "num_threads", "num_processes", "report_to", "sample_grid",
-                       "sample_steps", "guidance_scale", "checkpoint_every", "checkpoints_total_limit",
-                       "max_nonfinite_steps", "heldout_split", "heldout_pairs", "prefetch", "vae_encode_batch_size")
+from .train import config_differences
 
 
 @dataclass
@@ -27,13 +25,6 @@ class RerunPlan:
     action: str
     config: TrainConfig
     message: str = ""
-
-
-def settings_differences(saved: dict, config: TrainConfig) -> list[str]:
-    """``field: saved -> now`` for every setting of ``config`` that differs from a saved ``config.json``."""
-    now = config.to_dict()
-    return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now
-            if k not in NOT_PART_OF_THE_RUN and k in saved and saved[k] != now[k]]
 
 
 def _saved_settings(folder: Path) -> dict:
@@ -58,7 +49,7 @@ def plan_rerun(config: TrainConfig) -> RerunPlan:
         folder = base if n == 1 else base.with_name(f"{base.name}-{n}")
         if not list_checkpoints(folder):
             return RerunPlan("train", config.replace(output_dir=str(folder)), _moved(base, folder, skipped))
-        diffs = settings_differences(_saved_settings(folder), config)
+        diffs = config_differences(_saved_settings(folder), config)  # what resume would refuse
         if diffs:
             skipped.append(f"{folder} holds a run with other settings ({'; '.join(diffs[:4])}"
                            f"{'; ...' if len(diffs) > 4 else ''})")

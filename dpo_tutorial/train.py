@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -55,10 +56,41 @@ class History:
 
     @classmethod
     def load(cls, output_dir: str | Path) -> "History":
-        """Read ``history.jsonl`` of a finished or interrupted run."""
-        path = Path(output_dir) / "history.jsonl"
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        return cls(records=records, output_dir=str(output_dir))
+        """Read ``history.jsonl`` of a finished or interrupted run (a torn last line is dropped, with a warning)."""
+        return cls(records=read_history(Path(output_dir) / "history.jsonl"), output_dir=str(output_dir))
+
+
+def read_history(path: Path) -> list[dict]:
+    """The records of a ``history.jsonl``; a torn (cut or NUL-filled) last line is dropped with a warning.
+
+    A damaged line anywhere else raises :class:`ConfigError` naming it: that is not a crash's trace.
+    """
+    if not path.exists():
+        return []
+    lines = [x for x in path.read_text(errors="replace").splitlines() if x.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as err:
+            if number < len(lines):
+                raise ConfigError(f"{path} line {number} is not a JSON record ({err}): fix or delete the file") from err
+            warnings.warn(f"{path}: dropped a torn last line (a run was cut while writing it): {line[:60]!r}")
+            break
+        records.append(record)
+    return records
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace``: readers never see half of it."""
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------ set-up
@@ -92,9 +124,55 @@ def set_threads(threads: int) -> None:
 
 
 def _check_output_dir(config: TrainConfig) -> None:
+    out = Path(config.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output dir {config.output_dir!r} is a file: expected a folder (new or of this run)")
     if ckpt.list_checkpoints(config.output_dir) and not config.resume:
         raise ConfigError(f"output dir {config.output_dir!r} already holds checkpoints (of a run started "
                           "earlier): pass --resume latest to continue it, or choose a new --output-dir")
+
+
+_LOCKS: dict[str, object] = {}  # output folder -> the open lock file this process holds
+
+
+def lock_output_dir(output_dir: str | Path) -> None:
+    """Create ``output_dir`` and hold an exclusive lock on its ``.lock`` file: one writer per folder.
+
+    A second run into the folder fails at once with :class:`ConfigError`; the lock goes when this
+    process ends or calls :func:`release_output_dir`. Taking it again in the same process is a no-op.
+    """
+    import fcntl
+
+    out = Path(output_dir)
+    key = str(out.resolve())
+    if key in _LOCKS:
+        return
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fh = open(out / ".lock", "a+")
+    except OSError as err:
+        raise ConfigError(f"output dir {str(output_dir)!r} is not writable ({type(err).__name__}: "
+                          f"{err.strerror or err}): expected a folder this user can write to") from err
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown"
+        fh.close()
+        raise ConfigError(f"output dir {str(output_dir)!r} is in use by another run (pid {holder}): wait for it "
+                          "to finish or choose another --output-dir") from err
+    fh.seek(0)
+    fh.truncate()
+    fh.write(str(os.getpid()))
+    fh.flush()
+    _LOCKS[key] = fh
+
+
+def release_output_dir(output_dir: str | Path) -> None:
+    """Release the lock :func:`lock_output_dir` took (no-op when this process holds none)."""
+    fh = _LOCKS.pop(str(Path(output_dir).resolve()), None)
+    if fh is not None:
+        fh.close()
 
 
 def _prepare_model(parts: DiffusionParts, config: TrainConfig, weight_dtype: torch.dtype):
@@ -130,20 +208,51 @@ def apply_speed_options(config: TrainConfig, unets: list) -> None:
             unet.compile()  # in place: parameter names (LoRA export, checkpoints) stay unchanged
 
 
-RESUME_MUST_MATCH = ("pretrained", "rank", "lora_alpha", "full_finetune", "resolution")
+# What a resumed run may set differently from the run it continues; every other field must match.
+RESUME_MAY_CHANGE = ("max_steps", "checkpoint_every", "checkpoints_total_limit", "resume", "report_to",
+                     "num_threads", "num_processes", "max_nonfinite_steps", "sample_grid", "sample_steps",
+                     "guidance_scale", "output_dir", "gradient_checkpointing", "compile_unet", "channels_last",
+                     "allow_tf32", "heldout_split", "heldout_pairs", "prefetch", "vae_encode_batch_size")
+PATH_FIELDS = ("pretrained", "vae", "dataset", "cache", "output_dir")
+
+
+def _comparable(name: str, value):
+    """A local path resolved (``./fx/sd`` equals its absolute path); anything else unchanged."""
+    if name in PATH_FIELDS and isinstance(value, str) and value and Path(value).expanduser().exists():
+        return str(Path(value).expanduser().resolve())
+    return value
+
+
+def config_differences(saved: dict, config: TrainConfig, allowed: tuple[str, ...] = RESUME_MAY_CHANGE) -> list[str]:
+    """``"field: checkpoint X vs now Y"`` for each field of ``config`` that differs from the ``saved`` dict.
+
+    Fields named in ``allowed`` and fields ``saved`` lacks (older versions) are not compared; local paths
+    are compared resolved.
+    """
+    now = config.to_dict()
+    return [f"{k}: checkpoint {saved[k]!r} vs now {now[k]!r}" for k in now
+            if k in saved and k not in allowed and _comparable(k, saved[k]) != _comparable(k, now[k])]
 
 
 def _check_resume_compatible(path: Path, config: TrainConfig, world_size: int) -> None:
-    """Refuse to resume a checkpoint made with another model, adapter shape, resolution or process count."""
-    state = json.loads((path / "state.json").read_text())
+    """Refuse to resume a checkpoint made with other settings (see :data:`RESUME_MAY_CHANGE`) or process count.
+
+    The allowed fields that changed are applied (the new config drives the run) and logged as a warning.
+    """
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ckpt.CheckpointError(f"checkpoint {path} has an unreadable state.json ({err})") from err
     saved = state.get("config", {})
-    diffs = [f"{k}: checkpoint {saved[k]!r} vs now {getattr(config, k)!r}"
-             for k in RESUME_MUST_MATCH if k in saved and saved[k] != getattr(config, k)]
+    diffs = config_differences(saved, config)
     if state.get("world_size", world_size) != world_size:
         diffs.append(f"processes: checkpoint {state['world_size']} vs now {world_size}")
     if diffs:
         raise ConfigError(f"cannot resume from {path}: it was made with other settings ({'; '.join(diffs)}); "
                           "pass the same values or start a new --output-dir")
+    changed = config_differences(saved, config, allowed=("resume", "output_dir"))
+    if changed:
+        warnings.warn(f"resuming from {path} with changed settings, applied: {'; '.join(changed)}")
 
 
 def make_optimizer(params, config: TrainConfig):
@@ -168,7 +277,10 @@ def _trainable_state(unet) -> dict[str, torch.Tensor]:
 
 
 def export_lora(unet, output_dir: str | Path, is_sdxl: bool) -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` in the diffusers format (``load_lora_weights`` reads it)."""
+    """Write ``pytorch_lora_weights.safetensors`` in the diffusers format (``load_lora_weights`` reads it).
+
+    It is written in a temporary folder and renamed into place, so a cut export never looks finished.
+    """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
@@ -176,8 +288,12 @@ def export_lora(unet, output_dir: str | Path, is_sdxl: bool) -> Path:
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
     cls = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
-    cls.save_lora_weights(save_directory=str(output_dir), unet_lora_layers=state, safe_serialization=True)
-    return Path(output_dir) / "pytorch_lora_weights.safetensors"
+    name, tmp = "pytorch_lora_weights.safetensors", Path(output_dir) / ".tmp-lora"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cls.save_lora_weights(save_directory=str(tmp), unet_lora_layers=state, safe_serialization=True)
+    os.replace(tmp / name, Path(output_dir) / name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return Path(output_dir) / name
 
 
 # ------------------------------------------------------------------------------------ the loop
@@ -196,12 +312,14 @@ def _append_jsonl(path: Path, record: dict) -> None:
 
 
 def _truncate_history(path: Path, last_step: int) -> list[dict]:
-    """Keep the records up to ``last_step`` (a resumed run rewrites the steps after its checkpoint)."""
+    """Keep the records up to ``last_step`` (a resumed run rewrites the steps after its checkpoint).
+
+    The file is rewritten atomically; a torn last line is dropped (:func:`read_history`).
+    """
     if not path.exists():
         return []
-    records = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    records = [r for r in records if r.get("step", 0) <= last_step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    records = [r for r in read_history(path) if r.get("step", 0) <= last_step]
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
     return records
 
 
@@ -237,6 +355,8 @@ def setup_run(config: TrainConfig) -> TrainingRun:
                           "--num_processes 2` silently starts one); see README 'When one machine is not enough'")
     _set_threads(config, accelerator.num_processes)
     _check_output_dir(config)
+    if accelerator.is_main_process:
+        lock_output_dir(config.output_dir)
     set_seed(config.seed)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     check_source(config.pretrained)  # cheap checks first: a typo fails before anything heavy loads
@@ -280,19 +400,23 @@ def _resume_and_open_logs(run: TrainingRun) -> int:
     """Restore the checkpoint asked for (if any), prepare the output folder; return the start step."""
     config, acc = run.config, run.accelerator
     start_step = 0
-    resume_from = ckpt.resolve_resume(config.resume, run.out)
+
+    def load(path: Path) -> dict:
+        _check_resume_compatible(path, config, acc.num_processes)
+        return ckpt.load_checkpoint(path, acc.unwrap_model(run.unet), run.optimizer, run.lr_scheduler,
+                                    run.generator, rank=acc.process_index, scaler=acc.scaler)
+
+    resume_from, state = ckpt.load_first_good(ckpt.resume_candidates(config.resume, run.out), load)
     if resume_from is not None:
-        _check_resume_compatible(resume_from, config, acc.num_processes)
-        state = ckpt.load_checkpoint(resume_from, acc.unwrap_model(run.unet), run.optimizer, run.lr_scheduler,
-                                     run.generator, rank=acc.process_index)
         start_step = state["step"]
         run.stream.load_state_dict(state["data"])
     if acc.is_main_process:
         run.out.mkdir(parents=True, exist_ok=True)
         ckpt.clean_partial(run.out)
+        ckpt.remove_after(run.out, start_step)  # one timeline: `latest` continues this run, not an abandoned one
         run.history.records = _truncate_history(run.out / "history.jsonl", start_step)
         effective = config.batch_size * config.grad_accum * acc.num_processes
-        (run.out / "config.json").write_text(json.dumps(
+        write_atomic(run.out / "config.json", json.dumps(
             {**config.to_dict(), "effective_batch_pairs": effective, "world_size": acc.num_processes}, indent=1))
         if config.report_to:
             acc.init_trackers("dpo-tutorial", config={k: v for k, v in config.to_dict().items()
@@ -358,13 +482,13 @@ def _log(run: TrainingRun, step: int, outs: list[DPOLossOutput], updated: bool, 
             run.accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
 
 
-def _save(run: TrainingRun, step: int) -> None:
+def _save(run: TrainingRun, step: int, prune: bool = True) -> None:
     acc = run.accelerator
     ckpt.save_checkpoint(run.out, step, trainable=_trainable_state(acc.unwrap_model(run.unet)),
                          optimizer=run.optimizer, lr_scheduler=run.lr_scheduler, generator=run.generator,
                          data_state=(run.batches or run.stream).state_dict(), extra={"config": run.config.to_dict()},
                          rank=acc.process_index, world_size=acc.num_processes, barrier=acc.wait_for_everyone,
-                         limit=run.config.checkpoints_total_limit)
+                         limit=run.config.checkpoints_total_limit if prune else None, scaler=acc.scaler)
 
 
 def train(config: TrainConfig) -> History:
@@ -391,6 +515,7 @@ def train(config: TrainConfig) -> History:
         _finish(run.accelerator.unwrap_model(run.unet), run.parts, config, run.history, run.stream.first_captions)
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
+    release_output_dir(run.out)
     return run.history
 
 
@@ -410,11 +535,11 @@ def _loop(run: TrainingRun, start_step: int) -> None:
         stop = bad_in_a_row >= config.max_nonfinite_steps
         if stop or step + 1 == config.max_steps or (
                 config.checkpoint_every and (step + 1) % config.checkpoint_every == 0):
-            _save(run, step + 1)
+            _save(run, step + 1, prune=bad_in_a_row == 0)  # keep the checkpoints from before a blow-up
         if stop:
             raise FloatingPointError(
                 f"{bad_in_a_row} optimizer steps in a row had a non-finite loss or gradient (last at step "
-                f"{step + 1}); the learning rate ({config.lr}) or beta ({config.beta}) is probably too large, "
+                f"{step + 1}); the learning rate ({run.optimizer.param_groups[0]['lr']:g} in use) or beta ({config.beta}) is probably too large, "
                 f"or fp16 overflowed (try bf16). Checkpoint saved in {run.out}")
 
 
@@ -423,9 +548,13 @@ def _data_summary(stream: PairStream) -> dict:
     summary = {"ties_dropped": stream.ties + stream.skipped.get("tie", 0),
                "invalid_labels": stream.invalid_labels + stream.skipped.get("invalid", 0),
                "undecodable_skipped": stream.skipped.get("undecodable", 0)}
-    if summary["undecodable_skipped"] or summary["invalid_labels"]:
+    others = {f"{reason}_skipped": n for reason, n in sorted(stream.skipped.items())
+              if reason not in ("tie", "invalid", "undecodable") and n}
+    summary.update(others)  # missing_image, not_bytes, oversized, bad_caption: only when they happened
+    if summary["undecodable_skipped"] or summary["invalid_labels"] or others:
+        extra = "".join(f", {n} {k.removesuffix('_skipped')}" for k, n in others.items())
         warnings.warn(f"skipped {summary['undecodable_skipped']} pair(s) whose images did not decode and "
-                      f"{summary['invalid_labels']} with an invalid label_0 (NaN or outside [0, 1])")
+                      f"{summary['invalid_labels']} with an invalid label_0 (NaN or outside [0, 1]){extra}")
     return summary
 
 
@@ -433,7 +562,10 @@ def _finish(unet, parts: DiffusionParts, config: TrainConfig, history: History, 
     """Export the LoRA (or UNet), the data summary and the base-vs-DPO grid."""
     out = Path(config.output_dir)
     if config.full_finetune:
-        unet.save_pretrained(out / "unet")
+        shutil.rmtree(out / ".tmp-unet", ignore_errors=True)
+        unet.save_pretrained(out / ".tmp-unet")
+        shutil.rmtree(out / "unet", ignore_errors=True)
+        os.replace(out / ".tmp-unet", out / "unet")
     else:
         history.lora_path = str(export_lora(unet, out, parts.is_sdxl))
     (out / "data_summary.json").write_text(json.dumps(history.data_summary, indent=1))

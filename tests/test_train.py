@@ -128,10 +128,11 @@ def test_cli_train_runs_and_reports(sd_dir, pairs_parquet, tmp_path, capsys):
     assert (tmp_path / "pytorch_lora_weights.safetensors").exists()
     resume = ["train", "--pretrained", str(sd_dir), "--dataset", str(pairs_parquet), "--output-dir", str(tmp_path),
               "--max-steps", "3", "--batch-size", "2", "--resolution", "32", "--resume", "latest", "--no-sample-grid"]
-    assert main(resume) == 2  # the preset's rank 8 does not fit the rank-4 checkpoint
+    assert main(resume) == 2  # the preset's rank 8, beta, lr and seed differ from the checkpoint's
     err = capsys.readouterr().err
-    assert "cannot resume" in err and "rank: checkpoint 4 vs now 8" in err
-    assert main(resume + ["--rank", "4"]) == 0 and History.load(tmp_path).records[-1]["step"] == 3
+    assert "cannot resume" in err and "rank: checkpoint 4 vs now 8" in err and "seed: checkpoint 3 vs now 0" in err
+    same = ["--rank", "4", "--beta", "1000", "--lr", "1e-3", "--seed", "3"]
+    assert main(resume + same) == 0 and History.load(tmp_path).records[-1]["step"] == 3
 
 
 def test_full_finetune_with_frozen_reference_and_gradient_checkpointing(sd_dir, pairs_parquet, tmp_path):
