@@ -82,3 +82,12 @@ def test_offline_the_install_cell_prints_what_to_do_and_no_traceback(tmp_path, m
     assert f"git clone {bogus}" in shown and str(workdir) in shown and "make install" in shown
     assert "CalledProcessError" not in printed + shown
     assert not (tmp_path / "pip-target").exists()
+
+
+def test_readme_links_every_notebook_in_colab():
+    tomllib = pytest.importorskip("tomllib")
+    root = NOTEBOOKS[0].parents[1]
+    url = tomllib.loads((root / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
+    readme = (root / "README.md").read_text()
+    for path in NOTEBOOKS:
+        assert f"https://colab.research.google.com/github/{url.removeprefix('https://github.com/')}/blob/main/notebooks/{path.name}" in readme
