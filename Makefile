@@ -56,7 +56,7 @@ install: install-torch
 	$(PIP) install -e .
 
 install-dev: install-torch
-	$(PIP) install -e ".[dev]"
+	$(PIP) install -e ".[dev,notebooks]"
 
 train: install
 	$(CLI) train --evaluate $(ARGS)

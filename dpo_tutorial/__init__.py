@@ -23,7 +23,9 @@ Modules, one concept each (``docs/ARCHITECTURE.md`` draws them):
 - ``pickscore``: PickScore, the learned preference scorer, as a judge for SD 1.5 / SDXL.
 - ``analysis``: the notebooks' measurements (spread of ``model_diff`` estimates, per-pair errors).
 - ``plots``: one function per figure; ``figures``: regenerates ``figures/`` with them.
-- ``notebook_env``: the environment switches the notebooks read (``DPO_TUTORIAL_FAST``, preset, overrides).
+- ``notebook_env``: the environment switches the notebooks read (``DPO_TUTORIAL_FAST``, preset, overrides,
+  runs folder), their ``DEVICE`` and frozen-weight dtype.
+- ``device_guard``: a CPU-only check that every tensor reaches its model's device (tests of the GPU path).
 - ``tokenizer``: builds the small CLIP tokenizer of the toy model and the test stand-ins.
 - ``fixtures``: tiny random-weight SD / SDXL / PickScore stand-ins for tests and benchmarks (not imported
   by the rest of the package).

@@ -68,7 +68,8 @@ def mse_by_timestep(parts: DiffusionParts, unet, batch: dict, timesteps: list[in
         t = torch.full((encoded.latents.shape[0],), int(step), device=encoded.latents.device, dtype=torch.long)
         total = 0.0
         for _ in range(num_draws):
-            noise = torch.randn(encoded.latents.shape, generator=g, device=encoded.latents.device)
+            noise = torch.randn(encoded.latents.shape, generator=g, device=encoded.latents.device,
+                                dtype=encoded.latents.dtype)
             pred, target = noisy_prediction(parts, unet, encoded, noise, t)
             total += per_sample_mse(pred, target).mean().item() / num_draws
         out.append(total)

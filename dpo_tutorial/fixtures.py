@@ -33,12 +33,16 @@ def _text_encoder(tokenizer, hidden: int, projection: bool, seed: int):
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
-def _vae(seed: int):
+def _vae(seed: int, latent_factor: int = 2):
     from diffusers import AutoencoderKL
 
+    blocks = {2: 2, 4: 3, 8: 4}.get(latent_factor)
+    if blocks is None:
+        raise ValueError(f"latent_factor={latent_factor!r}: expected 2, 4 or 8 (SD's VAE downsamples by 8)")
     torch.manual_seed(seed)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-                         up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 16], latent_channels=4,
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * blocks,
+                         up_block_types=["UpDecoderBlock2D"] * blocks, block_out_channels=[8, 16, 16, 16][:blocks],
+                         latent_channels=4,
                          layers_per_block=1, norm_num_groups=4, sample_size=32)
 
 
@@ -58,12 +62,13 @@ def _unet(cross_dim: int, sample_size: int, sdxl: bool, seed: int, pooled_dim: i
 
 
 def build_tiny_pipeline(out_dir: str | Path, sdxl: bool = False, prediction_type: str = "epsilon",
-                        resolution: int = 32, seed: int = 0) -> Path:
+                        resolution: int = 32, seed: int = 0, latent_factor: int = 2) -> Path:
     """Write a tiny random-weight SD (or SDXL) pipeline folder; return its path.
 
     Same folders, classes and config keys as the real checkpoints: CLIP tokenizer(s), CLIP text
     encoder(s) (SDXL: the second with a projection for pooled embeddings), an AutoencoderKL with a
-    downsampling factor of 2, a UNet2DConditionModel (SDXL: ``text_time`` micro-conditioning), and a
+    downsampling factor of ``latent_factor`` (2; 8 as in SD, for 512-px stand-ins whose UNet attends over
+    64x64 latents instead of 256x256), a UNet2DConditionModel (SDXL: ``text_time`` micro-conditioning), and a
     DDPM scheduler.
     """
     from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -71,11 +76,11 @@ def build_tiny_pipeline(out_dir: str | Path, sdxl: bool = False, prediction_type
     out = Path(out_dir)
     tok = build_clip_tokenizer(WORDS, out / "tokenizer")
     enc = _text_encoder(tok, 16, projection=False, seed=seed)
-    vae = _vae(seed + 1)
+    vae = _vae(seed + 1, latent_factor)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                               beta_end=0.012, prediction_type=prediction_type, clip_sample=False,
                               steps_offset=1)
-    sample_size = resolution // 2
+    sample_size = resolution // latent_factor
     if not sdxl:
         unet = _unet(16, sample_size, False, seed + 2)
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=enc, tokenizer=tok, unet=unet, scheduler=scheduler,

@@ -35,10 +35,11 @@ class DiffusionParts:
     is_sdxl: bool
     vae_encode_batch_size: int = 8  # images per VAE encoder call (the diffusers script's default)
 
-    def to(self, device: str | torch.device) -> "DiffusionParts":
-        """Move the VAE, text encoders and UNet to ``device`` (in place); return self."""
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "DiffusionParts":
+        """Move the VAE, text encoders and UNet to ``device`` (and cast them to ``dtype``, e.g. float16 for
+        frozen weights on a GPU), in place; return self. Add a LoRA after the cast: its weights stay fp32."""
         for module in (self.vae, self.unet, *self.text_encoders):
-            module.to(device)
+            module.to(device=device, dtype=dtype) if dtype is not None else module.to(device)
         return self
 
     @property

@@ -7,6 +7,9 @@ environment variable scales them all down.
 
 ``DPO_TUTORIAL_PRESET``, ``DPO_TUTORIAL_OVERRIDES``, ``DPO_TUTORIAL_PICKSCORE``: which preset the notebooks
 run and where its model, data and scorer come from (:func:`notebook_config`, :func:`pickscore_source`).
+
+``DPO_TUTORIAL_RUNS``: the folder that holds the notebooks' run folders (e.g. ``runs/sd15``), such as a
+mounted Google Drive folder, so that a recycled Colab VM resumes where it stopped (:func:`notebook_config`).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ def budget(full, fast):
 PRESET_ENV = "DPO_TUTORIAL_PRESET"
 OVERRIDES_ENV = "DPO_TUTORIAL_OVERRIDES"
 PICKSCORE_ENV = "DPO_TUTORIAL_PICKSCORE"
+RUNS_ENV = "DPO_TUTORIAL_RUNS"
 NOTEBOOK_PRESETS = ("toy", "sd15")
 
 
@@ -66,12 +70,47 @@ def notebook_overrides() -> dict:
     return overrides
 
 
+def notebook_device():
+    """Where the notebooks put their models: ``"cuda"`` when ``torch.cuda.is_available()``, else ``"cpu"``.
+
+    Under the tests' device guard (:mod:`dpo_tutorial.device_guard`) it is the guard's stand-in device,
+    so a tensor a cell forgets to move fails there as it would on a GPU.
+    """
+    import torch
+
+    from .device_guard import guard_device
+
+    return guard_device() or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def notebook_dtype(device) -> "torch.dtype":
+    """The frozen weights' dtype on ``device``: float16 on a GPU (half the memory), float32 on a CPU."""
+    import torch
+
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def runs_folder(output_dir: str) -> str:
+    """``output_dir`` moved under ``DPO_TUTORIAL_RUNS`` when that is set and the path is relative
+    (``runs/sd15`` -> ``$DPO_TUTORIAL_RUNS/sd15``); otherwise unchanged."""
+    from pathlib import Path
+
+    root = os.environ.get(RUNS_ENV, "").strip()
+    path = Path(output_dir)
+    if not root or path.is_absolute():
+        return output_dir
+    parts = path.parts[1:] if path.parts[:1] == ("runs",) else path.parts
+    return str(Path(root).expanduser().joinpath(*parts))
+
+
 def notebook_config(**fields):
     """The notebook preset with ``DPO_TUTORIAL_OVERRIDES`` applied, then the notebook's own ``fields``
-    (a notebook that trains into a fresh temporary folder keeps doing so)."""
+    (a notebook that trains into a fresh temporary folder keeps doing so). A relative ``output_dir`` goes
+    under ``DPO_TUTORIAL_RUNS`` when that is set (:func:`runs_folder`)."""
     from .config import get_preset
 
-    return get_preset(notebook_preset(), **{**notebook_overrides(), **fields})
+    config = get_preset(notebook_preset(), **{**notebook_overrides(), **fields})
+    return config.replace(output_dir=runs_folder(config.output_dir))
 
 
 def pickscore_source() -> dict:

@@ -90,3 +90,12 @@ def test_missing_folder_and_offline_hub_id_errors(tmp_path):
         load_parts(str(tmp_path / "empty"))
     with pytest.raises(ModelError, match="Offline"):
         load_parts("stable-diffusion-v1-5/stable-diffusion-v1-5")
+
+
+def test_a_512_px_stand_in_has_sds_8x_latents(tmp_path):
+    from dpo_tutorial.fixtures import build_tiny_pipeline
+    from dpo_tutorial.models import encode_images, load_parts
+
+    parts = load_parts(str(build_tiny_pipeline(tmp_path / "p", resolution=64, latent_factor=8)))
+    assert parts.unet.config.sample_size == 8
+    assert encode_images(parts.vae, torch.zeros(2, 3, 64, 64)).shape == (2, 4, 8, 8)

@@ -3,8 +3,12 @@
 ``DPO_TUTORIAL_PRESET=sd15`` selects the GPU preset's branches; ``DPO_TUTORIAL_OVERRIDES`` points its hub
 ids at a tiny SD pipeline folder and a Pick-a-Pic-format parquet folder (``train`` and
 ``validation_unique`` splits, streamed as the preset does); ``DPO_TUTORIAL_PICKSCORE`` at a tiny PickScore
-folder. The hub stays offline (conftest), so any cell that still reaches for it fails here. Not covered:
-CUDA itself and fp16 (this machine has no GPU), and the real models' sizes.
+folder. The hub stays offline (conftest), so any cell that still reaches for it fails here.
+
+The kernels run under :mod:`dpo_tutorial.device_guard` (installed by an IPython startup file): the CPU
+plays both "host" and the notebooks' ``DEVICE``, so a batch a cell forgets to move to ``DEVICE`` fails
+here as it would on a GPU. Not covered: CUDA itself and fp16 (this machine has no GPU), and the real
+models' sizes.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ def sd15_env(tmp_path_factory, sd_dir):
     startup.mkdir(parents=True)
     (startup / "00-no-stream-sleep.py").write_text(
         "import datasets.config\ndatasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0\n")
+    (startup / "01-device-guard.py").write_text("from dpo_tutorial.device_guard import install\ninstall()\n")
     return {"DPO_TUTORIAL_PRESET": "sd15", "DPO_TUTORIAL_FAST": "1",
             "DPO_TUTORIAL_OVERRIDES": json.dumps(overrides),
             "DPO_TUTORIAL_PICKSCORE": str(build_tiny_pickscore(root / "pickscore")),
@@ -56,6 +61,6 @@ def test_notebook_runs_its_sd15_cells_on_standins(path, sd15_env, monkeypatch, t
     nb = nbformat.read(str(path), as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     printed = _text_outputs(nb)
-    assert "preset: sd15" in printed
+    assert "preset: sd15" in printed and "| device: cpu" in printed
     if path.stem == "07_evaluate":  # the PickScore comparison ran and printed its numbers
         assert "SD 1.5 on 4 prompts: mean PickScore" in printed and "nan" not in printed.split("SD 1.5 on")[1]

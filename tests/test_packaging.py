@@ -12,7 +12,8 @@ def names(specs):
 
 def test_environment_yml_matches_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    wanted = names(project["dependencies"]) | names(project["optional-dependencies"]["dev"])
+    extras = project["optional-dependencies"]
+    wanted = names(project["dependencies"]) | names(extras["dev"]) | names(extras["notebooks"])
     env = (ROOT / "environment.yml").read_text()
     pip_section = env.split("- pip:", 1)[1]
     listed = names(m for m in re.findall(r"^\s+- ([A-Za-z][^\s#]*)", pip_section, flags=re.M))
@@ -24,3 +25,23 @@ def test_torch_is_a_range_so_a_preinstalled_torch_is_kept():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     torch_spec = next(s for s in project["dependencies"] if s.startswith("torch"))
     assert ">=" in torch_spec and "==" not in torch_spec
+
+
+def test_runtime_dependencies_are_what_the_package_imports():
+    """Colab's runtime is left alone: Jupyter and widgets come with the `notebooks` extra, not the package."""
+    import ast
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    runtime = names(project["dependencies"])
+    assert not runtime & {"jupyterlab", "ipywidgets", "notebook", "jupyter"}
+    imported = set()
+    for path in (ROOT / "dpo_tutorial").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                imported.add(node.module.split(".")[0])
+    assert "ipywidgets" not in imported and "jupyterlab" not in imported
+    dist_names = {"pillow": "PIL", "pyarrow": "pyarrow", "safetensors": "safetensors"}
+    unused = {n for n in runtime if dist_names.get(n, n) not in imported}
+    assert unused == set(), f"runtime dependencies the package never imports: {unused}"
