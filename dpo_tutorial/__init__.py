@@ -12,10 +12,12 @@ Modules, one concept each (``docs/ARCHITECTURE.md`` draws them):
 - ``noise``: one noise and one timestep per pair, shared by winner and loser.
 - ``pickapic``: the Pick-a-Pic v2 format: schema, row builder, parquet writer.
 - ``data``: reading Pick-a-Pic pairs: ties, winner-first order, paired crop/flip, the resumable stream.
+- ``prefetch``: batches prepared in a background thread while the model trains.
 - ``models``: loading SD / SDXL parts, the LoRA adapter, the reference pass (adapter off).
 - ``step``: one DPO step: encode a batch, noise it, policy and reference passes, the loss.
 - ``train``: ``train(config) -> History``: the loop on accelerate, logging, checkpoints, export.
-- ``checkpoint``: atomic, exactly resumable checkpoints.
+- ``checkpoint``: atomic, exactly resumable checkpoints that hold tensors and numbers, never code.
+- ``rerun``: what ``train`` does when its output folder already holds a run (report, resume, or ``<dir>-2``).
 - ``cache``: the optional latent cache (VAE latents and text embeddings encoded once).
 - ``summary``: a finished run's closing report (last-10% means, held-out implicit accuracy).
 - ``sample``: images with and without the LoRA for the same captions and seeds.
@@ -26,6 +28,7 @@ Modules, one concept each (``docs/ARCHITECTURE.md`` draws them):
 - ``notebook_env``: the environment switches the notebooks read (``DPO_TUTORIAL_FAST``, preset, overrides,
   runs folder), their ``DEVICE`` and frozen-weight dtype.
 - ``device_guard``: a CPU-only check that every tensor reaches its model's device (tests of the GPU path).
+- ``hub``: hub id vs local path, and a fast "is the Hub reachable" check before loading a hub id.
 - ``tokenizer``: builds the small CLIP tokenizer of the toy model and the test stand-ins.
 - ``fixtures``: tiny random-weight SD / SDXL / PickScore stand-ins for tests and benchmarks (not imported
   by the rest of the package).

@@ -37,7 +37,7 @@ def _fingerprint(config) -> dict:
     return {"pretrained": pretrained, "vae": config.vae, "resolution": config.resolution}
 
 
-def _encode_rows(parts, rows: list[dict], transform: PairTransform, flips: int):
+def encode_rows(parts, rows: list[dict], transform: PairTransform, flips: int):
     """VAE posterior mean/std ``(n, 2, flips, C, h, w)``, time ids ``(n, 2, flips, 6)`` and ok flags."""
     pixels, time_ids, ok = [], [], []
     for row in rows:
@@ -49,7 +49,7 @@ def _encode_rows(parts, rows: list[dict], transform: PairTransform, flips: int):
         size = transform.resolution
         for img in imgs or [None, None]:
             for flip in (False, True)[:flips]:  # the very transform training applies, per orientation
-                x, hw, crop = (transform._one(img, 0.5, 0.5, flip) if img is not None
+                x, hw, crop = (transform.transform_image(img, 0.5, 0.5, flip) if img is not None
                                else (torch.zeros(3, size, size), (size, size), (0, 0)))
                 pixels.append(x)
                 time_ids.append([*hw, *crop, size, size])
@@ -91,7 +91,7 @@ def build_cache(config, out_dir: str | Path, batch_size: int = 64, shard_size: i
     caption_id = {c: i for i, c in enumerate(captions)}
     for start in tqdm(range(0, len(ds), shard_size), desc="caching shards"):
         rows = ds.select(range(start, min(start + shard_size, len(ds))))
-        chunks = [_encode_rows(parts, [rows[j] for j in range(i, min(i + batch_size, len(rows)))], transform, flips)
+        chunks = [encode_rows(parts, [rows[j] for j in range(i, min(i + batch_size, len(rows)))], transform, flips)
                   for i in range(0, len(rows), batch_size)]
         mean, std, time_ids, ok = (torch.cat(t) for t in zip(*chunks))
         _save_atomic({"mean": mean, "std": std, "time_ids": time_ids, "ok": ok,

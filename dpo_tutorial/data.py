@@ -59,6 +59,22 @@ def _local_parquet_files(root: Path, split: str) -> list[str]:
                     f"{split}/*.parquet and data/{split}-*.parquet; found: {found or 'no parquet files'}")
 
 
+def hub_dataset_error(source: str, split: str, err: Exception) -> DataError:
+    """The one-line error for a hub dataset that could not be reached or read."""
+    return DataError(f"could not load dataset {source!r} split {split!r} from the Hugging Face Hub "
+                     f"({type(err).__name__}: {str(err)[:200]}). Offline? Pass a local parquet file "
+                     "or folder in the Pick-a-Pic v2 schema instead.")
+
+
+def check_dataset_source(source: str, split: str = "train") -> None:
+    """Fail at once, before anything loads, when ``source`` is a hub id and the Hub cannot be reached."""
+    if is_hub_id(source) and not Path(source).expanduser().exists():
+        try:
+            check_hub_reachable(f"dataset {source!r}")
+        except ConnectionError as err:
+            raise hub_dataset_error(source, split, err) from err
+
+
 def load_pickapic(source: str, split: str = "train", streaming: bool = False):
     """Load Pick-a-Pic-format pairs from a hub id, a folder of parquet files or one ``.parquet`` file.
 
@@ -88,9 +104,7 @@ def load_pickapic(source: str, split: str = "train", streaming: bool = False):
     except datasets.exceptions.DatasetGenerationError as err:
         raise DataError(f"could not read dataset {source!r} split {split!r} ({str(err.__cause__ or err)[:200]})") from err
     except (ConnectionError, OSError) as err:
-        raise DataError(f"could not load dataset {source!r} split {split!r} from the Hugging Face Hub "
-                        f"({type(err).__name__}: {str(err)[:200]}). Offline? Pass a local parquet file "
-                        "or folder in the Pick-a-Pic v2 schema instead.") from err
+        raise hub_dataset_error(source, split, err) from err
     check_columns(ds.column_names, source)
     if not streaming and len(ds) == 0:
         raise DataError(f"dataset {source!r} split {split!r} has 0 rows: expected Pick-a-Pic-format pairs")
@@ -220,7 +234,12 @@ class PairTransform:
     random_crop: bool = False
     random_flip: bool = True
 
-    def _one(self, img: Image.Image, fx: float, fy: float, flip: bool):
+    def transform_image(self, img: Image.Image, fx: float, fy: float, flip: bool):
+        """One image: shorter side resized to ``resolution``, cropped at relative ``(fx, fy)``, maybe flipped.
+
+        Returns ``(x, (h, w), (top, left))``: ``(3, H, W)`` pixels in [-1, 1], the size before resizing and
+        the crop window's top-left (SDXL micro-conditioning).
+        """
         w, h = img.size
         check_image_size((w, h))  # bounds the resize below to MAX_ASPECT_RATIO * resolution**2 pixels
         scale = self.resolution / min(w, h)
@@ -244,7 +263,7 @@ class PairTransform:
     def __call__(self, img_a: Image.Image, img_b: Image.Image, rng: random.Random):
         """Transform both images with one crop window (relative position) and one flip decision."""
         fx, fy, flip = self.decide(rng)
-        return self._one(img_a, fx, fy, flip), self._one(img_b, fx, fy, flip)
+        return self.transform_image(img_a, fx, fy, flip), self.transform_image(img_b, fx, fy, flip)
 
 
 def drop_caption(caption: str | None, rng: random.Random, empty_prompt_prob: float) -> str:

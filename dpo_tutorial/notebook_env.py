@@ -83,7 +83,7 @@ def notebook_device():
     return guard_device() or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def notebook_dtype(device) -> "torch.dtype":
+def notebook_dtype(device):
     """The frozen weights' dtype on ``device``: float16 on a GPU (half the memory), float32 on a CPU."""
     import torch
 

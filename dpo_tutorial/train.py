@@ -26,7 +26,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig
-from .data import PairStream, PairTransform, load_pickapic
+from .data import PairStream, PairTransform, check_dataset_source, load_pickapic
 from .loss import DPOLossOutput
 from .models import DiffusionParts, add_lora, check_source, frozen_copy, load_parts
 from .prefetch import Prefetcher
@@ -348,6 +348,9 @@ def setup_run(config: TrainConfig) -> TrainingRun:
     from diffusers.optimization import get_scheduler
 
     config.validate()
+    check_source(config.pretrained)  # cheap checks first: a typo or an unreachable Hub fails in one line,
+    if not config.cache:              # before accelerate or anything heavy starts
+        check_dataset_source(config.dataset, config.split)
     accelerator = _accelerator(config)
     if config.num_processes and accelerator.num_processes != config.num_processes:
         raise ConfigError(f"expected {config.num_processes} processes but this run has {accelerator.num_processes}: "
@@ -359,7 +362,6 @@ def setup_run(config: TrainConfig) -> TrainingRun:
         lock_output_dir(config.output_dir)
     set_seed(config.seed)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    check_source(config.pretrained)  # cheap checks first: a typo fails before anything heavy loads
     stream = make_stream(config, accelerator.process_index, accelerator.num_processes)
     parts = load_parts(config.pretrained, config.vae, config.prediction_type)
     parts.vae_encode_batch_size = config.vae_encode_batch_size

@@ -12,7 +12,7 @@ from dpo_tutorial.config import PRESET_NAMES, ConfigError, TrainConfig, get_pres
 
 @pytest.mark.parametrize("field,value,message", [
     ("resolution", 100, "resolution=100: expected a positive multiple of 8"),
-    ("beta", 0.0, "beta=0.0: expected a number > 0"),
+    ("beta", 0.0, "beta=0.0: expected a finite number > 0"),
     ("batch_size", 0, "batch_size=0: expected an integer >= 1"),
     ("loss_type", "dpo", "loss_type='dpo'"),
     ("empty_prompt_prob", 1.5, "empty_prompt_prob=1.5"),

@@ -19,7 +19,7 @@ from dpo_tutorial import checkpoint as ckpt
 from dpo_tutorial.cli import main
 from dpo_tutorial.config import ConfigError, TrainConfig
 from dpo_tutorial.data import DataError, PairStream, PairTransform, SkipRow, decode_image, load_pickapic
-from dpo_tutorial.fixtures import encode_image, pickapic_row, write_pickapic_parquet
+from dpo_tutorial.pickapic import encode_image, pickapic_row, write_pickapic_parquet
 from dpo_tutorial.train import History, config_differences, train
 
 
@@ -93,7 +93,7 @@ def test_checkpoint_holding_a_pickled_callable_is_refused_unexecuted(sd_dir, pai
     argv = ["train", "--pretrained", str(sd_dir), "--dataset", str(pairs_parquet), "--output-dir", str(run_copy),
             "--resolution", "32", "--batch-size", "2", "--max-steps", "3", "--lr", "1e-3", "--beta", "500",
             "--rank", "4", "--checkpoint-every", "1", "--no-sample-grid", "--seed", "0",
-            "--resume", str(run_copy / "checkpoint-3")]
+            "--lr-scheduler", "constant", "--lr-warmup-steps", "0", "--resume", str(run_copy / "checkpoint-3")]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "refusing checkpoint file" in err[-1] and "Traceback" not in "".join(err)
@@ -124,7 +124,7 @@ def test_extreme_aspect_ratio_is_skipped_before_any_resize(monkeypatch):
         decode_image(data)
     assert info.value.reason == "oversized"
     with pytest.raises(SkipRow):  # a PIL image handed over directly is checked too
-        PairTransform(32)._one(Image.new("RGB", (1, 500)), 0.5, 0.5, False)
+        PairTransform(32).transform_image(Image.new("RGB", (1, 500)), 0.5, 0.5, False)
 
 
 # -------------------------------------------------------------------- 4. no usable pair: no hang
@@ -330,8 +330,8 @@ def test_cut_cache_build_never_looks_finished(sd_dir, pairs_parquet, tmp_path, m
             raise KeyboardInterrupt("killed while caching")
         return real(*args)
 
-    real = cache._encode_rows
-    monkeypatch.setattr(cache, "_encode_rows", cut)
+    real = cache.encode_rows
+    monkeypatch.setattr(cache, "encode_rows", cut)
     config = cfg(sd_dir, pairs_parquet, tmp_path, random_flip=False)
     with pytest.raises(KeyboardInterrupt):
         cache.build_cache(config, out, batch_size=4)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from conftest import make_rows, solid
 from dpo_tutorial import checkpoint as ckpt
 from dpo_tutorial.cli import main
-from dpo_tutorial.config import TrainConfig
+from dpo_tutorial.config import TrainConfig, get_preset
 from dpo_tutorial.data import PairStream, PairTransform, load_pickapic
 from dpo_tutorial.pickapic import encode_image, pickapic_row, write_pickapic_parquet
 from dpo_tutorial.train import History, make_stream, train
@@ -102,7 +102,9 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(sd_dir, pairs_parque
             _assert_complete(path)
     step = latest_step(tmp_path)
     resumed = train(base_config(sd_dir, pairs_parquet, tmp_path, batch_size=2, max_steps=step + 2,  # the toy
-                                checkpoint_every=1, resume="latest", lr=5e-3, beta=250.0))  # preset's lr, beta
+                                checkpoint_every=1, resume="latest",  # the toy preset's optimisation settings
+                                **{k: getattr(get_preset("toy"), k) for k in ("lr", "beta", "lr_scheduler",
+                                                                               "lr_warmup_steps")}))
     assert [r["step"] for r in resumed.records] == list(range(1, step + 3))  # logs survive the kills
 
 

@@ -32,7 +32,7 @@ def test_other_settings_go_to_a_numbered_folder_and_interrupted_runs_resume(sd_d
     capsys.readouterr()
     assert main(_argv(sd_dir, pairs_parquet, out, "--lr", "2e-3")) == 0
     printed = capsys.readouterr().out
-    assert f"holds a run with other settings (lr: {get_preset('toy').lr!r} -> 0.002)" in printed
+    assert f"holds a run with other settings (lr: checkpoint {get_preset('toy').lr!r} vs now 0.002)" in printed
     assert f"this run goes to {out}-2" in printed
     assert json.loads((tmp_path / "run-2" / "config.json").read_text())["lr"] == 2e-3
     # an interrupted run with the same settings resumes from its latest checkpoint
