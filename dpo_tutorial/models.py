@@ -19,6 +19,26 @@ from .hub import check_hub_reachable, is_hub_id
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
+class _NoTorchvisionNotice:
+    """Drops transformers' "``X`` requires torchvision (not installed); falling back to ``XPil``" record.
+
+    The package never uses torchvision (PyPI's build does not pair with the CPU torch) and the PIL
+    fallback is what it wants, so the notice is noise in every notebook. Only that message is dropped.
+    """
+
+    def filter(self, record) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
+def quiet_torchvision_notice() -> None:
+    """Install :class:`_NoTorchvisionNotice` on transformers' import logger (once); loaders call it."""
+    import logging
+
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _NoTorchvisionNotice) for f in logger.filters):
+        logger.addFilter(_NoTorchvisionNotice())
+
+
 class ModelError(ValueError):
     """A model folder or hub id cannot be used; the message says what to do."""
 
@@ -88,6 +108,7 @@ def load_parts(pretrained: str, vae: str | None = None, prediction_type: str | N
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
+    quiet_torchvision_notice()
     local = check_source(pretrained)
     index = _model_index(pretrained, local)
     diffusers_logging.disable_progress_bar()  # per-file loading bars drown the training bar

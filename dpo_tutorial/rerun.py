@@ -69,3 +69,27 @@ def _moved(base: Path, folder: Path, skipped: list[str]) -> str:
     if folder == base:
         return ""
     return "".join(f"{line}\n" for line in skipped) + f"this run goes to {folder}\n"
+
+
+def train_or_reuse(config: TrainConfig):
+    """``(history, config)`` of ``config``'s run: trained now, or reused when a finished run of the same
+    settings already sits in ``output_dir`` (or a numbered sibling, see :func:`plan_rerun`).
+
+    The notebooks share one toy run this way: the first that needs it trains it (~2 minutes on a CPU),
+    the others load its history, summary and LoRA in a second. The returned config's ``output_dir`` is
+    where the run lives.
+    """
+    from .summary import tail_means
+    from .train import History, train
+
+    plan = plan_rerun(config)
+    if plan.action != "finished":
+        return train(plan.config), plan.config
+    out = Path(plan.config.output_dir)
+    history = History.load(out)
+    summary = out / "summary.json"
+    history.summary = json.loads(summary.read_text()) if summary.exists() else tail_means(history.records)
+    lora = out / "pytorch_lora_weights.safetensors"
+    history.lora_path = str(lora) if lora.exists() else None
+    print(f"reusing the finished run in {out} ({len(history)} steps, same settings)")
+    return history, plan.config

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .models import DiffusionParts, reference_mode
+from .models import DiffusionParts, quiet_torchvision_notice, reference_mode
 
 
 def make_pipeline(parts: DiffusionParts, unet: torch.nn.Module | None = None):
@@ -35,14 +35,23 @@ def load_pipeline(pretrained: str | Path, device: str | torch.device | None = No
     """
     from diffusers import StableDiffusionPipeline
 
+    quiet_torchvision_notice()
     device = torch.device(device or "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(str(pretrained), torch_dtype=dtype, safety_checker=None,
+    pipe = StableDiffusionPipeline.from_pretrained(str(pretrained), **dtype_kwarg(dtype), safety_checker=None,
                                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     if device.type == "cuda":
         pipe.vae.enable_slicing()
     return pipe.to(device)
+
+
+def dtype_kwarg(dtype: torch.dtype) -> dict:
+    """``{"dtype": dtype}`` for diffusers >= 0.40, which deprecates ``torch_dtype``; ``{"torch_dtype": ...}`` before."""
+    from importlib.metadata import version
+
+    major, minor = (int(part) for part in version("diffusers").split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (0, 40) else {"torch_dtype": dtype}
 
 
 @torch.no_grad()
