@@ -19,24 +19,34 @@ from .hub import check_hub_reachable, is_hub_id
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 
 
-class _NoTorchvisionNotice:
-    """Drops transformers' "``X`` requires torchvision (not installed); falling back to ``XPil``" record.
+# (logger, message fragment): third-party notices the package's own calls trigger that say nothing a
+# learner can act on. transformers: "`X` requires torchvision (not installed); falling back to `XPil`" (the
+# package never uses torchvision, whose PyPI build does not pair with the CPU torch, and wants the PIL
+# fallback); diffusers: "No LoRA keys associated to CLIPTextModel" (our LoRAs adapt the UNet only).
+KNOWN_NOTICES = (("transformers.utils.import_utils", "requires torchvision (not installed)"),
+                 ("diffusers.loaders.lora_base", "No LoRA keys associated to CLIPTextModel"),
+                 ("diffusers.loaders.lora_pipeline", "No LoRA keys associated to CLIPTextModel"),
+                 ("diffusers.loaders.peft", "No LoRA keys associated to CLIPTextModel"))
 
-    The package never uses torchvision (PyPI's build does not pair with the CPU torch) and the PIL
-    fallback is what it wants, so the notice is noise in every notebook. Only that message is dropped.
-    """
+
+class _DropNotice:
+    """A logging filter that drops records containing one message fragment, and nothing else."""
+
+    def __init__(self, fragment: str):
+        self.fragment = fragment
 
     def filter(self, record) -> bool:
-        return "requires torchvision (not installed)" not in record.getMessage()
+        return self.fragment not in record.getMessage()
 
 
-def quiet_torchvision_notice() -> None:
-    """Install :class:`_NoTorchvisionNotice` on transformers' import logger (once); loaders call it."""
+def quiet_known_notices() -> None:
+    """Drop the :data:`KNOWN_NOTICES` (once per logger); the package's loaders call it before loading."""
     import logging
 
-    logger = logging.getLogger("transformers.utils.import_utils")
-    if not any(isinstance(f, _NoTorchvisionNotice) for f in logger.filters):
-        logger.addFilter(_NoTorchvisionNotice())
+    for name, fragment in KNOWN_NOTICES:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotice) and f.fragment == fragment for f in logger.filters):
+            logger.addFilter(_DropNotice(fragment))
 
 
 class ModelError(ValueError):
@@ -108,7 +118,7 @@ def load_parts(pretrained: str, vae: str | None = None, prediction_type: str | N
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    quiet_torchvision_notice()
+    quiet_known_notices()
     local = check_source(pretrained)
     index = _model_index(pretrained, local)
     diffusers_logging.disable_progress_bar()  # per-file loading bars drown the training bar

@@ -6,6 +6,11 @@ from pathlib import Path
 
 import pytest
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the dev extra installs tomli
+    import tomli as tomllib
+
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
@@ -31,7 +36,6 @@ def test_notebook_is_stripped_uses_python3_and_imports_the_package(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_installs_from_the_repository_named_in_pyproject(path):
-    tomllib = pytest.importorskip("tomllib")
     pyproject = tomllib.loads((path.parents[1] / "pyproject.toml").read_text())
     url = pyproject["project"]["urls"]["Repository"]
     cells = json.loads(path.read_text())["cells"]
@@ -85,7 +89,6 @@ def test_offline_the_install_cell_prints_what_to_do_and_no_traceback(tmp_path, m
 
 
 def test_readme_links_every_notebook_in_colab():
-    tomllib = pytest.importorskip("tomllib")
     root = NOTEBOOKS[0].parents[1]
     url = tomllib.loads((root / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
     readme = (root / "README.md").read_text()

@@ -1,6 +1,9 @@
 """environment.yml and pyproject.toml name the same dependencies; no torchvision anywhere."""
 import re
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the dev extra installs tomli
+    import tomli as tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
