@@ -4,8 +4,8 @@
 folder that either holds no checkpoints (train there) or holds a run with the same settings: finished
 (report it, train nothing) or interrupted (resume it from its latest checkpoint). A run with other
 settings is never touched. "The same settings" means what a resume accepts
-(:func:`dpo_tutorial.train.config_differences`): a larger ``max_steps`` resumes a finished run and extends
-it. ``--resume`` given explicitly skips all this: the user chose.
+(:func:`dpo_tutorial.train.config_differences`) with the same ``max_steps`` (:data:`SAME_RUN_MAY_CHANGE`).
+``--resume`` given explicitly skips all this: the user chose (and may extend a run with ``--max-steps``).
 """
 from __future__ import annotations
 
@@ -15,7 +15,11 @@ from pathlib import Path
 
 from .checkpoint import list_checkpoints
 from .config import TrainConfig
-from .train import config_differences
+from .train import RESUME_MAY_CHANGE, config_differences
+
+# what may differ for a folder to hold "this run": what a resume accepts, except max_steps, which also
+# shapes the lr schedule (a finished 30-step cosine run is not the first 30 steps of a 700-step one)
+SAME_RUN_MAY_CHANGE = tuple(f for f in RESUME_MAY_CHANGE if f != "max_steps")
 
 
 @dataclass
@@ -49,7 +53,7 @@ def plan_rerun(config: TrainConfig) -> RerunPlan:
         folder = base if n == 1 else base.with_name(f"{base.name}-{n}")
         if not list_checkpoints(folder):
             return RerunPlan("train", config.replace(output_dir=str(folder)), _moved(base, folder, skipped))
-        diffs = config_differences(_saved_settings(folder), config)  # what resume would refuse
+        diffs = config_differences(_saved_settings(folder), config, SAME_RUN_MAY_CHANGE)
         if diffs:
             skipped.append(f"{folder} holds a run with other settings ({'; '.join(diffs[:4])}"
                            f"{'; ...' if len(diffs) > 4 else ''})")

@@ -45,3 +45,14 @@ def test_other_settings_go_to_a_numbered_folder_and_interrupted_runs_resume(sd_d
     assert main(_argv(sd_dir, pairs_parquet, out, "--lr", "2e-3")) == 0
     assert "resuming the interrupted run" in capsys.readouterr().out
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "run-2")][-1] == "checkpoint-2"
+
+
+def test_another_max_steps_is_another_run_not_an_extension(sd_dir, pairs_parquet, tmp_path, capsys):
+    """A short (fast-mode) run must not be extended into a long one: max_steps shapes the lr schedule."""
+    out = tmp_path / "run"
+    assert main(_argv(sd_dir, pairs_parquet, out)) == 0
+    capsys.readouterr()
+    steps = json.loads((out / "config.json").read_text())["max_steps"]
+    assert main(_argv(sd_dir, pairs_parquet, out, "--max-steps", str(steps + 1))) == 0
+    printed = capsys.readouterr().out
+    assert f"max_steps: checkpoint {steps} vs now {steps + 1}" in printed and f"this run goes to {out}-2" in printed
