@@ -38,7 +38,12 @@ Modules, one concept each (``docs/ARCHITECTURE.md`` draws them):
 from .config import ConfigError, TrainConfig, get_preset
 from .loss import DPOLossOutput, diffusion_dpo_loss
 from .noise import shared_noise, shared_timesteps
+from .models import quiet_known_notices
 from .train import History, train  # noqa: E402  (heavy libraries are imported inside the functions)
+
+# before any diffusers / transformers import of ours: drop the few third-party notices that say nothing a
+# learner can act on (models.KNOWN_NOTICES), by message; every other log record still shows
+quiet_known_notices()
 
 __all__ = ["ConfigError", "DPOLossOutput", "History", "TrainConfig", "diffusion_dpo_loss", "get_preset",
            "shared_noise", "shared_timesteps", "train"]

@@ -1,7 +1,6 @@
-"""Measurements the notebooks show: the spread of ``model_diff`` estimates, per-pair errors, 2-D views."""
+"""Measurements the notebooks show: which sharing of ε and t buys what, errors by noise level, per-pair errors."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from .loss import per_sample_mse, split_pairs
@@ -77,6 +76,28 @@ def mse_by_timestep(parts: DiffusionParts, unet, batch: dict, timesteps: list[in
 
 
 @torch.no_grad()
+def per_pair_errors(parts: DiffusionParts, unet, batch: dict, timestep: int | None = None, seed: int = 0) -> dict:
+    """One shared (ε, t) draw per pair; the ``(B,)`` per-element MSEs of winners and losers under the
+    policy (LoRA on) and the reference (LoRA off), and the ``(2B, ...)`` predictions and target they
+    come from (so a caller can feed the same tensors to :func:`dpo_tutorial.loss.diffusion_dpo_loss`).
+
+    ``timestep``: one fixed t for every pair (e.g. 500), else each pair draws its own.
+    """
+    g = torch.Generator(parts.vae.device).manual_seed(seed)
+    encoded = encode_batch(parts, batch, g)
+    noise, t = draw_noise(parts, encoded, g)  # (2B, C, h, w), (2B,): shared within each pair
+    if timestep is not None:
+        t = torch.full_like(t, int(timestep))
+    policy, target = noisy_prediction(parts, unet, encoded, noise, t)
+    with reference_mode(unet):
+        reference, _ = noisy_prediction(parts, unet, encoded, noise, t)
+    policy_w, policy_l = split_pairs(per_sample_mse(policy, target))
+    ref_w, ref_l = split_pairs(per_sample_mse(reference, target))
+    return {"policy_w": policy_w, "policy_l": policy_l, "ref_w": ref_w, "ref_l": ref_l,
+            "policy_pred": policy, "ref_pred": reference, "target": target}
+
+
+@torch.no_grad()
 def pair_errors(parts: DiffusionParts, unet, batch: dict, num_draws: int = 8, seed: int = 0) -> dict:
     """Mean MSE of winners and losers under the policy (LoRA on) and the reference (LoRA off).
 
@@ -95,20 +116,3 @@ def pair_errors(parts: DiffusionParts, unet, batch: dict, num_draws: int = 8, se
         for k, v in zip(sums, (w, l, rw, rl)):
             sums[k] += v.mean().item() / num_draws
     return sums
-
-
-def project_2d(origin: np.ndarray, *points: np.ndarray) -> list[np.ndarray]:
-    """Project high-dimensional vectors to 2-D around ``origin`` (ε), in the plane of the first two points.
-
-    The first point lands on the x-axis at its true distance from ``origin``; the second keeps its
-    true distance and angle. Other points are projected orthogonally onto that plane (distances shrink).
-    """
-    def flat(x) -> np.ndarray:  # tensors may sit on a GPU
-        x = x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else x
-        return np.asarray(x, float).ravel()
-
-    vecs = [flat(p) - flat(origin) for p in points]
-    e1 = vecs[0] / np.linalg.norm(vecs[0])
-    rest = vecs[1] - (vecs[1] @ e1) * e1
-    e2 = rest / (np.linalg.norm(rest) or 1.0)
-    return [np.array([v @ e1, v @ e2]) for v in vecs]

@@ -80,6 +80,37 @@ def geometry_figure(eps, pred_w, pred_l, ref_w, ref_l, title: str = "model_diff 
     return fig
 
 
+def pair_errors_figure(ref_w, ref_l, policy_w, policy_l, title: str = "each pair: winner's error vs loser's"):
+    """Exact picture of ``model_diff`` and ``ref_diff``: each pair is a point (winner's MSE, loser's MSE).
+
+    ``(B,)`` arrays of per-element MSEs for the reference (hollow) and the policy (filled), an arrow from
+    one to the other per pair. The diagonal is ``diff = 0``; a point's signed distance *below* it is
+    ``(mse_w − mse_l)/√2``, so an arrow that moves the point up and to the left, across or away from the
+    diagonal on the loser's side, means ``model_diff < ref_diff``: the policy fits the winner better
+    *relative to* the loser, which is what the loss rewards, even when both errors grew (arrows up and
+    right). No projection: every coordinate is a true value.
+    """
+    plt = _plt()
+    ref_w, ref_l, policy_w, policy_l = (np.asarray(v, float) for v in (ref_w, ref_l, policy_w, policy_l))
+    better = (policy_w - policy_l) < (ref_w - ref_l)  # model_diff < ref_diff: the direction the loss pushes
+    fig, ax = plt.subplots(figsize=(5.2, 4.8))
+    for i in range(len(ref_w)):
+        ax.annotate("", xy=(policy_w[i], policy_l[i]), xytext=(ref_w[i], ref_l[i]),
+                    arrowprops=dict(arrowstyle="->", color="C2" if better[i] else "C3", alpha=0.6, lw=0.8))
+    ax.scatter(ref_w, ref_l, facecolors="none", edgecolors="0.4", s=25, label="reference (LoRA off)")
+    ax.scatter(policy_w, policy_l, color="C0", s=12, label="policy (LoRA on)")
+    top = max(ref_w.max(), ref_l.max(), policy_w.max(), policy_l.max()) * 1.05
+    ax.plot([0, top], [0, top], color="k", lw=0.8, ls=":", label="mse_w = mse_l (diff = 0)")
+    ax.set(xlabel="winner's per-element MSE  mse(x_w)", ylabel="loser's per-element MSE  mse(x_l)",
+           xlim=(0, top), ylim=(0, top))
+    ax.set_title(f"{title}\ngreen: model_diff < ref_diff ({int(better.sum())} of {len(better)} pairs)",
+                 fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_aspect("equal")
+    fig.tight_layout()
+    return fig
+
+
 def _clipped_bins(values: np.ndarray, low: float, high: float, n: int = 50) -> np.ndarray:
     """``n`` equal bins over the ``low``-``high`` percentiles of ``values`` (outliers left off the axis)."""
     lo, hi = np.percentile(values, [low, high])

@@ -62,3 +62,22 @@ def test_the_package_loaders_raise_no_warnings_and_drop_only_known_notices(tmp_p
         record = lambda msg: logging.LogRecord(name, logging.WARNING, "", 0, msg, None, None)  # noqa: E731
         assert not logger.filter(record(f"`X` {fragment}, etc.")), name  # dropped
         assert logger.filter(record("something else entirely")), name  # everything else still shows
+
+
+def test_a_fresh_process_loading_a_pipeline_with_a_lora_prints_no_known_notice(sd_dir, pairs_parquet, tmp_path):
+    """The notices fire once per process (``warning_once``), so only a fresh process can show them."""
+    import subprocess
+    import sys
+
+    from dpo_tutorial.config import TrainConfig
+    from dpo_tutorial.models import KNOWN_NOTICES
+    from dpo_tutorial.train import train
+
+    train(TrainConfig(pretrained=str(sd_dir), dataset=str(pairs_parquet), output_dir=str(tmp_path), resolution=32,
+                      batch_size=2, max_steps=1, rank=4, sample_grid=False))
+    code = ("from dpo_tutorial.evaluate import load_with_lora; import sys; "
+            f"load_with_lora({str(sd_dir)!r}, {str(tmp_path)!r})")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    shown = [fragment for _, fragment in KNOWN_NOTICES if fragment in done.stdout + done.stderr]
+    assert shown == []
