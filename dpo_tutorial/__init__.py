@@ -17,6 +17,7 @@ Modules, one concept each (``docs/ARCHITECTURE.md`` draws them):
 - ``step``: one DPO step: encode a batch, noise it, policy and reference passes, the loss.
 - ``train``: ``train(config) -> History``: the loop on accelerate, logging, checkpoints, export.
 - ``checkpoint``: atomic, exactly resumable checkpoints that hold tensors and numbers, never code.
+- ``run_dir``: a run's output folder: the history file, atomic writes, the writer lock, the resume rules.
 - ``rerun``: what ``train`` does when its output folder already holds a run (report, resume, or ``<dir>-2``).
 - ``cache``: the optional latent cache (VAE latents and text embeddings encoded once).
 - ``summary``: a finished run's closing report (last-10% means, held-out implicit accuracy).

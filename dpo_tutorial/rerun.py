@@ -4,7 +4,7 @@
 folder that either holds no checkpoints (train there) or holds a run with the same settings: finished
 (report it, train nothing) or interrupted (resume it from its latest checkpoint). A run with other
 settings is never touched. "The same settings" means what a resume accepts
-(:func:`dpo_tutorial.train.config_differences`) with the same ``max_steps`` (:data:`SAME_RUN_MAY_CHANGE`).
+(:func:`dpo_tutorial.run_dir.config_differences`) with the same ``max_steps`` (:data:`SAME_RUN_MAY_CHANGE`).
 ``--resume`` given explicitly skips all this: the user chose (and may extend a run with ``--max-steps``).
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .checkpoint import list_checkpoints
 from .config import TrainConfig
-from .train import RESUME_MAY_CHANGE, config_differences
+from .run_dir import RESUME_MAY_CHANGE, config_differences
 
 # what may differ for a folder to hold "this run": what a resume accepts, except max_steps, which also
 # shapes the lr schedule (a finished 30-step cosine run is not the first 30 steps of a 700-step one)

@@ -30,6 +30,8 @@ from .data import PairStream, PairTransform, check_dataset_source, load_pickapic
 from .loss import DPOLossOutput
 from .models import DiffusionParts, add_lora, check_source, frozen_copy, load_parts
 from .prefetch import Prefetcher
+from .run_dir import (append_record, check_output_dir, config_differences, lock_output_dir,
+                      read_history, release_output_dir, truncate_history, write_atomic)
 from .step import dpo_step
 from .summary import heldout_accuracy, tail_means
 
@@ -60,39 +62,6 @@ class History:
         return cls(records=read_history(Path(output_dir) / "history.jsonl"), output_dir=str(output_dir))
 
 
-def read_history(path: Path) -> list[dict]:
-    """The records of a ``history.jsonl``; a torn (cut or NUL-filled) last line is dropped with a warning.
-
-    A damaged line anywhere else raises :class:`ConfigError` naming it: that is not a crash's trace.
-    """
-    if not path.exists():
-        return []
-    lines = [x for x in path.read_text(errors="replace").splitlines() if x.strip()]
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict):
-                raise ValueError("not a JSON object")
-        except ValueError as err:
-            if number < len(lines):
-                raise ConfigError(f"{path} line {number} is not a JSON record ({err}): fix or delete the file") from err
-            warnings.warn(f"{path}: dropped a torn last line (a run was cut while writing it): {line[:60]!r}")
-            break
-        records.append(record)
-    return records
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``: readers never see half of it."""
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 # ------------------------------------------------------------------------------------ set-up
 def _accelerator(config: TrainConfig):
     from accelerate import Accelerator
@@ -121,58 +90,6 @@ def set_threads(threads: int) -> None:
     """``torch.set_num_threads(threads)`` only when the count changes (see :func:`_set_threads`)."""
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-
-
-def _check_output_dir(config: TrainConfig) -> None:
-    out = Path(config.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output dir {config.output_dir!r} is a file: expected a folder (new or of this run)")
-    if ckpt.list_checkpoints(config.output_dir) and not config.resume:
-        raise ConfigError(f"output dir {config.output_dir!r} already holds checkpoints (of a run started "
-                          "earlier): pass --resume latest to continue it, or choose a new --output-dir")
-
-
-_LOCKS: dict[str, object] = {}  # output folder -> the open lock file this process holds
-
-
-def lock_output_dir(output_dir: str | Path) -> None:
-    """Create ``output_dir`` and hold an exclusive lock on its ``.lock`` file: one writer per folder.
-
-    A second run into the folder fails at once with :class:`ConfigError`; the lock goes when this
-    process ends or calls :func:`release_output_dir`. Taking it again in the same process is a no-op.
-    """
-    import fcntl
-
-    out = Path(output_dir)
-    key = str(out.resolve())
-    if key in _LOCKS:
-        return
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fh = open(out / ".lock", "a+")
-    except OSError as err:
-        raise ConfigError(f"output dir {str(output_dir)!r} is not writable ({type(err).__name__}: "
-                          f"{err.strerror or err}): expected a folder this user can write to") from err
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
-        fh.seek(0)
-        holder = fh.read().strip() or "unknown"
-        fh.close()
-        raise ConfigError(f"output dir {str(output_dir)!r} is in use by another run (pid {holder}): wait for it "
-                          "to finish or choose another --output-dir") from err
-    fh.seek(0)
-    fh.truncate()
-    fh.write(str(os.getpid()))
-    fh.flush()
-    _LOCKS[key] = fh
-
-
-def release_output_dir(output_dir: str | Path) -> None:
-    """Release the lock :func:`lock_output_dir` took (no-op when this process holds none)."""
-    fh = _LOCKS.pop(str(Path(output_dir).resolve()), None)
-    if fh is not None:
-        fh.close()
 
 
 def _prepare_model(parts: DiffusionParts, config: TrainConfig, weight_dtype: torch.dtype):
@@ -208,34 +125,10 @@ def apply_speed_options(config: TrainConfig, unets: list) -> None:
             unet.compile()  # in place: parameter names (LoRA export, checkpoints) stay unchanged
 
 
-# What a resumed run may set differently from the run it continues; every other field must match.
-RESUME_MAY_CHANGE = ("max_steps", "checkpoint_every", "checkpoints_total_limit", "resume", "report_to",
-                     "num_threads", "num_processes", "max_nonfinite_steps", "sample_grid", "sample_steps",
-                     "guidance_scale", "output_dir", "gradient_checkpointing", "compile_unet", "channels_last",
-                     "allow_tf32", "heldout_split", "heldout_pairs", "prefetch", "vae_encode_batch_size")
-PATH_FIELDS = ("pretrained", "vae", "dataset", "cache", "output_dir")
-
-
-def _comparable(name: str, value):
-    """A local path resolved (``./fx/sd`` equals its absolute path); anything else unchanged."""
-    if name in PATH_FIELDS and isinstance(value, str) and value and Path(value).expanduser().exists():
-        return str(Path(value).expanduser().resolve())
-    return value
-
-
-def config_differences(saved: dict, config: TrainConfig, allowed: tuple[str, ...] = RESUME_MAY_CHANGE) -> list[str]:
-    """``"field: checkpoint X vs now Y"`` for each field of ``config`` that differs from the ``saved`` dict.
-
-    Fields named in ``allowed`` and fields ``saved`` lacks (older versions) are not compared; local paths
-    are compared resolved.
-    """
-    now = config.to_dict()
-    return [f"{k}: checkpoint {saved[k]!r} vs now {now[k]!r}" for k in now
-            if k in saved and k not in allowed and _comparable(k, saved[k]) != _comparable(k, now[k])]
-
-
 def _check_resume_compatible(path: Path, config: TrainConfig, world_size: int) -> None:
-    """Refuse to resume a checkpoint made with other settings (see :data:`RESUME_MAY_CHANGE`) or process count.
+    """Refuse to resume a checkpoint made with other settings or another process count.
+
+    Which fields may differ: :data:`dpo_tutorial.run_dir.RESUME_MAY_CHANGE`.
 
     The allowed fields that changed are applied (the new config drives the run) and logged as a warning.
     """
@@ -305,24 +198,6 @@ def _mean_metrics(outs: list[DPOLossOutput], accelerator) -> dict:
     return {m: float(v) for m, v in zip(METRICS, values.tolist())}
 
 
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
-        fh.flush()
-
-
-def _truncate_history(path: Path, last_step: int) -> list[dict]:
-    """Keep the records up to ``last_step`` (a resumed run rewrites the steps after its checkpoint).
-
-    The file is rewritten atomically; a torn last line is dropped (:func:`read_history`).
-    """
-    if not path.exists():
-        return []
-    records = [r for r in read_history(path) if r.get("step", 0) <= last_step]
-    write_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
-    return records
-
-
 @dataclass
 class TrainingRun:
     """Everything one training run holds (built by :func:`setup_run`)."""
@@ -357,7 +232,7 @@ def setup_run(config: TrainConfig) -> TrainingRun:
                           "the launcher started a different number (on CPU, `accelerate launch --cpu "
                           "--num_processes 2` silently starts one); see README 'When one machine is not enough'")
     _set_threads(config, accelerator.num_processes)
-    _check_output_dir(config)
+    check_output_dir(config)
     if accelerator.is_main_process:
         lock_output_dir(config.output_dir)
     set_seed(config.seed)
@@ -416,7 +291,7 @@ def _resume_and_open_logs(run: TrainingRun) -> int:
         run.out.mkdir(parents=True, exist_ok=True)
         ckpt.clean_partial(run.out)
         ckpt.remove_after(run.out, start_step)  # one timeline: `latest` continues this run, not an abandoned one
-        run.history.records = _truncate_history(run.out / "history.jsonl", start_step)
+        run.history.records = truncate_history(run.out / "history.jsonl", start_step)
         effective = config.batch_size * config.grad_accum * acc.num_processes
         write_atomic(run.out / "config.json", json.dumps(
             {**config.to_dict(), "effective_batch_pairs": effective, "world_size": acc.num_processes}, indent=1))
@@ -477,7 +352,7 @@ def _log(run: TrainingRun, step: int, outs: list[DPOLossOutput], updated: bool, 
               "skipped_update": not updated, "skipped_pairs": sum(run.stream.skipped.values()),
               "seconds": round(seconds, 3), "data_seconds": round(data_seconds, 4)}
     if run.accelerator.is_main_process:
-        _append_jsonl(run.out / "history.jsonl", record)
+        append_record(run.out / "history.jsonl", record)
         run.history.records.append(record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['implicit_acc']:.2f}")
         if run.config.report_to:

@@ -20,7 +20,8 @@ from dpo_tutorial.cli import main
 from dpo_tutorial.config import ConfigError, TrainConfig
 from dpo_tutorial.data import DataError, PairStream, PairTransform, SkipRow, decode_image, load_pickapic
 from dpo_tutorial.pickapic import encode_image, pickapic_row, write_pickapic_parquet
-from dpo_tutorial.train import History, config_differences, train
+from dpo_tutorial.run_dir import config_differences
+from dpo_tutorial.train import History, train
 
 
 def cfg(pipe, data, out, **kw):
