@@ -93,7 +93,7 @@ class TrainConfig:
                                     none="any number")
     max_nonfinite_steps: int = _f(5, "stop after this many non-finite (skipped) updates in a row")
     heldout_split: str | None = _f(None, "at the end, measure the implicit-reward accuracy on this split of the "
-                                         "dataset (e.g. validation; toy preset: validation)")
+                                         "dataset (e.g. validation)", none="off")
     heldout_pairs: int = _f(300, "score at most this many held-out pairs (heldout_split)")
     sample_grid: bool = _f(True, "at the end, write a base-vs-DPO image grid (samples.png)")
     sample_steps: int = _f(25, "denoising steps for the image grid")
