@@ -126,14 +126,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 def report_finished(config: TrainConfig) -> None:
     """Say that ``config.output_dir`` already holds this very run, finished, with its closing report."""
-    import json
-    from pathlib import Path
-
-    from .summary import format_summary, tail_means
+    from .summary import format_summary
     from .train import History
 
-    path = Path(config.output_dir) / "summary.json"
-    summary = json.loads(path.read_text()) if path.exists() else tail_means(History.load(config.output_dir).records)
+    summary = History.load(config.output_dir).summary
     print(f"{config.output_dir} already holds this run, finished ({config.max_steps} steps): nothing to train.")
     for line in format_summary(summary):
         print(line)

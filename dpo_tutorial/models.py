@@ -40,7 +40,8 @@ class _DropNotice:
 
 
 def quiet_known_notices() -> None:
-    """Drop the :data:`KNOWN_NOTICES` (once per logger); the package's loaders call it before loading."""
+    """Drop the :data:`KNOWN_NOTICES` (once per logger); ``dpo_tutorial/__init__.py`` calls it on import,
+    before any diffusers or transformers import of the package."""
     import logging
 
     for name, fragment in KNOWN_NOTICES:
@@ -118,7 +119,6 @@ def load_parts(pretrained: str, vae: str | None = None, prediction_type: str | N
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    quiet_known_notices()
     local = check_source(pretrained)
     index = _model_index(pretrained, local)
     diffusers_logging.disable_progress_bar()  # per-file loading bars drown the training bar

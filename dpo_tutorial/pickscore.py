@@ -45,9 +45,6 @@ class PickScore:
                  batch_size: int = 16):
         from transformers import AutoProcessor, CLIPModel
 
-        from .models import quiet_known_notices
-
-        quiet_known_notices()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         try:

@@ -83,17 +83,11 @@ def train_or_reuse(config: TrainConfig):
     the others load its history, summary and LoRA in a second. The returned config's ``output_dir`` is
     where the run lives.
     """
-    from .summary import tail_means
     from .train import History, train
 
     plan = plan_rerun(config)
     if plan.action != "finished":
         return train(plan.config), plan.config
-    out = Path(plan.config.output_dir)
-    history = History.load(out)
-    summary = out / "summary.json"
-    history.summary = json.loads(summary.read_text()) if summary.exists() else tail_means(history.records)
-    lora = out / "pytorch_lora_weights.safetensors"
-    history.lora_path = str(lora) if lora.exists() else None
-    print(f"reusing the finished run in {out} ({len(history)} steps, same settings)")
+    history = History.load(plan.config.output_dir)
+    print(f"reusing the finished run in {plan.config.output_dir} ({len(history)} steps, same settings)")
     return history, plan.config

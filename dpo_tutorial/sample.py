@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .models import DiffusionParts, quiet_known_notices, reference_mode
+from .models import DiffusionParts, reference_mode
 
 
 def make_pipeline(parts: DiffusionParts, unet: torch.nn.Module | None = None):
@@ -35,7 +35,6 @@ def load_pipeline(pretrained: str | Path, device: str | torch.device | None = No
     """
     from diffusers import StableDiffusionPipeline
 
-    quiet_known_notices()
     device = torch.device(device or "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     pipe = StableDiffusionPipeline.from_pretrained(str(pretrained), **dtype_kwarg(dtype), safety_checker=None,

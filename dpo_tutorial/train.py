@@ -58,8 +58,14 @@ class History:
 
     @classmethod
     def load(cls, output_dir: str | Path) -> "History":
-        """Read ``history.jsonl`` of a finished or interrupted run (a torn last line is dropped, with a warning)."""
-        return cls(records=read_history(Path(output_dir) / "history.jsonl"), output_dir=str(output_dir))
+        """Read a finished or interrupted run: ``history.jsonl`` (a torn last line is dropped, with a
+        warning), ``summary.json`` (else the last-10% means of the records) and the LoRA's path."""
+        out = Path(output_dir)
+        records = read_history(out / "history.jsonl")
+        summary = out / "summary.json"
+        lora = out / "pytorch_lora_weights.safetensors"
+        return cls(records=records, output_dir=str(output_dir), lora_path=str(lora) if lora.exists() else None,
+                   summary=json.loads(summary.read_text()) if summary.exists() else tail_means(records))
 
 
 # ------------------------------------------------------------------------------------ set-up
