@@ -88,6 +88,11 @@ def per_pair_errors(parts: DiffusionParts, unet, batch: dict, timestep: int | No
     noise, t = draw_noise(parts, encoded, g)  # (2B, C, h, w), (2B,): shared within each pair
     if timestep is not None:
         t = torch.full_like(t, int(timestep))
+    return _policy_and_reference(parts, unet, encoded, noise, t)
+
+
+def _policy_and_reference(parts: DiffusionParts, unet, encoded, noise: torch.Tensor, t: torch.Tensor) -> dict:
+    """Policy and reference predictions at one shared (ε, t), and their ``(B,)`` winner / loser MSEs."""
     policy, target = noisy_prediction(parts, unet, encoded, noise, t)
     with reference_mode(unet):
         reference, _ = noisy_prediction(parts, unet, encoded, noise, t)
@@ -107,12 +112,7 @@ def pair_errors(parts: DiffusionParts, unet, batch: dict, num_draws: int = 8, se
     encoded = encode_batch(parts, batch, g)
     sums = {k: 0.0 for k in ("policy_w", "policy_l", "ref_w", "ref_l")}
     for _ in range(num_draws):
-        noise, t = draw_noise(parts, encoded, g)
-        pred, target = noisy_prediction(parts, unet, encoded, noise, t)
-        w, l = split_pairs(per_sample_mse(pred, target))
-        with reference_mode(unet):
-            ref_pred, _ = noisy_prediction(parts, unet, encoded, noise, t)
-        rw, rl = split_pairs(per_sample_mse(ref_pred, target))
-        for k, v in zip(sums, (w, l, rw, rl)):
-            sums[k] += v.mean().item() / num_draws
+        errors = _policy_and_reference(parts, unet, encoded, *draw_noise(parts, encoded, g))
+        for k in sums:
+            sums[k] += errors[k].mean().item() / num_draws
     return sums
