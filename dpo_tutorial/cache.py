@@ -61,8 +61,12 @@ def encode_rows(parts, rows: list[dict], transform: PairTransform, flips: int):
             torch.tensor(time_ids, dtype=torch.long).reshape(len(rows), 2, flips, 6), torch.tensor(ok))
 
 
-def build_cache(config, out_dir: str | Path, batch_size: int = 64, shard_size: int = 4096) -> Path:
+def build_cache(config, out_dir: str | Path, batch_size: int = 64, shard_size: int = 4096, parts=None,
+                dataset=None, extra: dict | None = None) -> Path:
     """Encode ``config.dataset`` (split ``config.split``) for ``config.pretrained`` at ``config.resolution``.
+
+    ``parts`` and ``dataset``: already loaded models (on their device) and rows, else loaded here; ``extra``:
+    more entries for the manifest (the automatic cache records its source files there).
 
     Writes ``manifest.json``, ``text.safetensors`` and ``shard-<k>.safetensors`` to ``out_dir``.
     Center crops only (a random crop cannot be precomputed); both orientations when ``random_flip``.
@@ -78,8 +82,8 @@ def build_cache(config, out_dir: str | Path, batch_size: int = 64, shard_size: i
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "manifest.json").unlink(missing_ok=True)
-    parts = load_parts(config.pretrained, config.vae, config.prediction_type)
-    ds = load_pickapic(config.dataset, config.split)
+    parts = parts or load_parts(config.pretrained, config.vae, config.prediction_type)
+    ds = load_pickapic(config.dataset, config.split) if dataset is None else dataset
     transform, flips = PairTransform(config.resolution), 2 if config.random_flip else 1
     captions = sorted({c or "" for c in ds["caption"]} | {""})
     embeds, pooled = zip(*[encode_prompts(parts, captions[i:i + batch_size])
@@ -89,7 +93,7 @@ def build_cache(config, out_dir: str | Path, batch_size: int = 64, shard_size: i
         text["pooled"] = torch.cat(pooled).float().contiguous()
     _save_atomic(text, out / "text.safetensors")
     caption_id = {c: i for i, c in enumerate(captions)}
-    for start in tqdm(range(0, len(ds), shard_size), desc="caching shards"):
+    for start in tqdm(range(0, len(ds), shard_size), desc="caching latents", unit="shard"):
         rows = ds.select(range(start, min(start + shard_size, len(ds))))
         chunks = [encode_rows(parts, [rows[j] for j in range(i, min(i + batch_size, len(rows)))], transform, flips)
                   for i in range(0, len(rows), batch_size)]
@@ -100,7 +104,8 @@ def build_cache(config, out_dir: str | Path, batch_size: int = 64, shard_size: i
     manifest = {"version": CACHE_VERSION, **_fingerprint(config), "dataset": config.dataset, "split": config.split,
                 "num_rows": len(ds), "random_flip": config.random_flip, "is_sdxl": parts.is_sdxl,
                 "shard_size": shard_size, "scaling_factor": parts.vae.config.scaling_factor,
-                "captions": captions, "label_0": [None if x is None else float(x) for x in ds["label_0"]]}
+                "captions": captions, "label_0": [None if x is None else float(x) for x in ds["label_0"]],
+                **(extra or {})}
     tmp = out / ".tmp-manifest.json"
     tmp.write_text(json.dumps(manifest))
     os.replace(tmp, out / "manifest.json")
@@ -203,3 +208,73 @@ class LatentCache:
         if "pooled" in self.text:
             batch["pooled"] = self.text["pooled"][ids]
         return batch
+
+
+# ------------------------------------------------------------------ the automatic cache of a training run
+AUTO_CACHE_DIR = "latent-cache"  # inside the run's output folder
+AUTO_CACHE_MAX_BYTES = 4 * 2**30  # above this the run reads images instead (a user can still build one on purpose)
+
+
+def source_files(config) -> list[list]:
+    """``[path, size, mtime_ns]`` of each local parquet file of the run's split: an edited file invalidates a cache."""
+    from .data import local_parquet_files
+
+    return [[str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns]
+            for f in local_parquet_files(Path(config.dataset).expanduser(), config.split)]
+
+
+def auto_cache_skip_reason(config, num_rows: int, latent_bytes: int, world_size: int = 1) -> str | None:
+    """Why a run should read images rather than build its own latent cache, or ``None`` when it should build one.
+
+    Worth it when the dataset is a local folder or file (not the Hub, not a stream), crops are centred, and
+    the run draws more pairs than the cache costs to build (``num_rows`` pairs, twice when ``random_flip``
+    encodes both orientations); possible when the cache (``latent_bytes`` per row) stays under
+    :data:`AUTO_CACHE_MAX_BYTES`.
+    """
+    from .hub import is_hub_id
+
+    if config.cache:
+        return "a cache folder is given"
+    if not config.cache_latents:
+        return "cache_latents is off"
+    if config.streaming or is_hub_id(config.dataset) or not Path(config.dataset).expanduser().exists():
+        return "the dataset is not a local folder or file"
+    if config.random_crop:
+        return "random_crop needs the images (a cache stores center crops)"
+    drawn = config.max_steps * config.batch_size * config.grad_accum * world_size
+    flips = 2 if config.random_flip else 1
+    if drawn <= flips * num_rows:
+        return f"the run draws {drawn} pairs, not more than the {flips * num_rows} encodings a cache costs"
+    if num_rows * latent_bytes > AUTO_CACHE_MAX_BYTES:
+        return f"the cache would take {num_rows * latent_bytes / 2**30:.1f} GiB"
+    return None
+
+
+def latent_bytes_per_row(parts, config) -> int:
+    """Bytes one row takes in a cache: posterior mean and std of two images in each orientation, float32."""
+    vae = parts.vae.config
+    side = config.resolution // 2 ** (len(vae.block_out_channels) - 1)
+    return 2 * 2 * (2 if config.random_flip else 1) * vae.latent_channels * side * side * 4
+
+
+def auto_cache(config, parts, world_size: int = 1) -> Path | None:
+    """The latent cache ``train`` reads from: ``<output_dir>/latent-cache``, built now with the run's own ``parts``
+    (or reused when it was built for this model, resolution and unchanged source files), or ``None`` when
+    :func:`auto_cache_skip_reason` says images are better. Same losses either way (``tests/test_cache.py``)."""
+    if config.cache or not config.cache_latents or config.streaming:
+        return None
+    try:
+        dataset = load_pickapic(config.dataset, config.split)
+    except DataError:
+        return None  # the image path reports the problem in its own words
+    if auto_cache_skip_reason(config, len(dataset), latent_bytes_per_row(parts, config), world_size):
+        return None
+    folder = Path(config.output_dir) / AUTO_CACHE_DIR
+    stamp = source_files(config)
+    try:
+        manifest = check_cache(folder, config)
+        if manifest.get("source_files") == stamp and manifest.get("split") == config.split:
+            return folder
+    except DataError:
+        pass
+    return build_cache(config, folder, parts=parts, dataset=dataset, extra={"source_files": stamp})

@@ -46,6 +46,9 @@ class TrainConfig:
                                    none="all")
     cache: str | None = _f(None, "train from a latent cache folder made by `dpo-tutorial cache` (same model)",
                              none="no cache")
+    cache_latents: bool = _f(True, "when a local dataset is drawn from more often than a cache costs to build, encode "
+                                   "it once into <output_dir>/latent-cache and train from latents (same losses, "
+                                   "faster steps; off: read and encode the images every step)")
     output_dir: str = _f("runs/dpo", "where the LoRA, history.jsonl and checkpoints go")
     # the DPO objective
     beta: float = _f(5000.0, "the paper's beta (diffusers SD script's beta_dpo is half of it)")

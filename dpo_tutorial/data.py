@@ -47,8 +47,10 @@ class SkipRow(ValueError):
 
 
 # ----------------------------------------------------------------------------------------- loading
-def _local_parquet_files(root: Path, split: str) -> list[str]:
-    """Parquet files of ``split`` under a local folder, in the layouts people actually have."""
+def local_parquet_files(root: Path, split: str) -> list[str]:
+    """Parquet files of ``split`` under a local folder, in the layouts people actually have (a file: itself)."""
+    if root.is_file():
+        return [str(root)]
     for pattern in (f"{split}.parquet", f"{split}/*.parquet", f"data/{split}-*.parquet",
                     f"data/{split}/*.parquet", f"{split}-*.parquet"):
         files = sorted(root.glob(pattern))
@@ -87,7 +89,7 @@ def load_pickapic(source: str, split: str = "train", streaming: bool = False):
     if path.is_file():
         files: list[str] | None = [str(path)]
     elif path.is_dir():
-        files = _local_parquet_files(path, split)
+        files = local_parquet_files(path, split)
     elif not is_hub_id(source):
         raise DataError(f"dataset {source!r} does not exist: expected a .parquet file, a folder of "
                         "parquet files or a hub id such as 'yuvalkirstain/pickapic_v2'")

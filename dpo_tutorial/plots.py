@@ -244,3 +244,57 @@ def batch_figure(pixel_values: torch.Tensor, captions: list[str]):
         ax[0, i].set_title(f"row {i}: {role}\n{captions[i % half][:18]}", fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def taste_shift_figure(shift, columns: int = 8):
+    """A :class:`~dpo_tutorial.toy.your_taste.TasteShift`: base (top) and DPO (middle) images for the same captions
+    and seeds, each titled with its taste score, and the score's distribution before and after (bottom)."""
+    plt = _plt()
+    per_caption = len(shift.captions) // 12
+    idx = [i * per_caption for i in range(min(columns, 12))]  # the first prompt of each of the first captions
+    fig = plt.figure(figsize=(1.3 * len(idx), 5.6))
+    grid = fig.add_gridspec(3, len(idx), height_ratios=[1, 1, 1.4])
+    for col, i in enumerate(idx):
+        for row, (images, scores, name) in enumerate([(shift.base_images, shift.base_scores, "base"),
+                                                      (shift.dpo_images, shift.dpo_scores, "DPO")]):
+            a = fig.add_subplot(grid[row, col])
+            a.imshow(images[i])
+            a.set_xticks([]), a.set_yticks([])
+            a.set_title(f"{scores[i]:.2f}", fontsize=8)
+            if col == 0:
+                a.set_ylabel(name)
+            if row == 1:
+                a.set_xlabel(shift.captions[i].replace("a ", ""), fontsize=7)
+    h = fig.add_subplot(grid[2, :])
+    bins = np.linspace(min(shift.base_scores.min(), shift.dpo_scores.min()),
+                       max(shift.base_scores.max(), shift.dpo_scores.max()), 30)
+    h.hist(shift.base_scores, bins=bins, alpha=0.6, label=f"base (mean {shift.base_scores.mean():.3f})")
+    h.hist(shift.dpo_scores, bins=bins, alpha=0.6, label=f"DPO (mean {shift.dpo_scores.mean():.3f})")
+    rate, low, high = shift.win_rate
+    h.set(xlabel=f"'{shift.taste}' score of each image ({len(shift.captions)} prompts per model)",
+          ylabel="images", title=f"win-rate of DPO over base under the '{shift.taste}' scorer: "
+                                 f"{rate:.2f} [{low:.2f}, {high:.2f}]")
+    h.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def labels_curve_figure(rows_by_seed: dict):
+    """Win-rate (with its 95% interval) against the number of labelled pairs, one line per seed;
+    ``rows_by_seed`` maps a seed to :func:`~dpo_tutorial.toy.your_taste.labels_curve`'s rows."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for k, (seed, rows) in enumerate(rows_by_seed.items()):
+        n = np.array([r["labels"] for r in rows]) * (1 + 0.03 * (k - 1))  # a small offset keeps bars apart
+        rate = np.array([r["win_rate"] for r in rows])
+        err = np.array([[r["win_rate"] - r["low"] for r in rows], [r["high"] - r["win_rate"] for r in rows]])
+        ax.errorbar(n, rate, yerr=err, marker="o", capsize=3, label=f"seed {seed}")
+    ax.axhline(0.5, color="grey", ls=":", lw=1)
+    ax.set_xscale("log")
+    counts = sorted({r["labels"] for rows in rows_by_seed.values() for r in rows})
+    ax.set_xticks(counts, [str(c) for c in counts])
+    ax.set(xlabel="labelled pairs", ylabel="win-rate of DPO over base", ylim=(0.3, 1.0),
+           title="how many labels does a taste take?")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint as ckpt
+from .cache import auto_cache
 from .config import ConfigError, TrainConfig
 from .data import PairStream, PairTransform, check_dataset_source, load_pickapic
 from .loss import DPOLossOutput
@@ -243,12 +244,14 @@ def setup_run(config: TrainConfig) -> TrainingRun:
         lock_output_dir(config.output_dir)
     set_seed(config.seed)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    stream = make_stream(config, accelerator.process_index, accelerator.num_processes)
     parts = load_parts(config.pretrained, config.vae, config.prediction_type)
     parts.vae_encode_batch_size = config.vae_encode_batch_size
     params, ref_unet = _prepare_model(parts, config, weight_dtype)
     for module in (parts.vae, *parts.text_encoders, *([ref_unet] if ref_unet is not None else [])):
         module.to(accelerator.device)
+    with accelerator.main_process_first():  # the main process builds the run's latent cache, the others read it
+        cache_dir = auto_cache(config, parts, accelerator.num_processes)
+    stream = make_stream(config, accelerator.process_index, accelerator.num_processes, cache_dir)
     optimizer = make_optimizer(params, config)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
@@ -261,12 +264,14 @@ def setup_run(config: TrainConfig) -> TrainingRun:
                        generator=generator, out=out, history=History(output_dir=str(out)))
 
 
-def make_stream(config: TrainConfig, rank: int, world_size: int) -> PairStream:
-    """This process's share of the pairs: streamed data split by node, map-style data sharded by rank."""
-    if config.cache:
+def make_stream(config: TrainConfig, rank: int, world_size: int, cache_dir: str | Path | None = None) -> PairStream:
+    """This process's share of the pairs: streamed data split by node, map-style data sharded by rank; from the
+    latent cache ``cache_dir`` (default ``config.cache``) when there is one."""
+    cache_dir = cache_dir or config.cache
+    if cache_dir:
         from .cache import LatentCache
 
-        cache = LatentCache(config.cache, config)
+        cache = LatentCache(cache_dir, config)
         return PairStream(cache, cache.transform, config.batch_size, seed=config.seed, max_pairs=config.max_train_pairs,
                           make=cache.make, collate=cache.collate, rank=rank, world_size=world_size)
     dataset = load_pickapic(config.dataset, config.split, config.streaming)

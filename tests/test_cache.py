@@ -2,10 +2,12 @@
 import numpy as np
 import pytest
 
-from dpo_tutorial.cache import build_cache, check_cache
+from dpo_tutorial.cache import AUTO_CACHE_MAX_BYTES, auto_cache, auto_cache_skip_reason, build_cache, check_cache
 from dpo_tutorial.cli import main
 from dpo_tutorial.config import TrainConfig
-from dpo_tutorial.data import DataError
+from dpo_tutorial.data import DataError, load_pickapic
+from dpo_tutorial.pickapic import write_pickapic_parquet
+from conftest import make_rows
 from dpo_tutorial.train import train
 
 
@@ -18,7 +20,7 @@ def cfg(pipe, data, out, **kw):
 @pytest.mark.parametrize("fixture", ["sd_dir", "sdxl_dir"])
 def test_training_from_cache_gives_the_same_losses(fixture, request, pairs_parquet, tmp_path):
     pipe = request.getfixturevalue(fixture)
-    base = cfg(pipe, pairs_parquet, tmp_path / "images")
+    base = cfg(pipe, pairs_parquet, tmp_path / "images", cache_latents=False)
     build_cache(base, tmp_path / "cache", batch_size=5, shard_size=7)  # several shards and batches
     from_images = train(base)
     from_cache = train(base.replace(output_dir=str(tmp_path / "cached"), cache=str(tmp_path / "cache")))
@@ -52,3 +54,49 @@ def test_cli_cache_then_train(sd_dir, pairs_parquet, tmp_path, capsys):
     assert main(["train", *common, "--resolution", "64", "--cache", str(tmp_path / "c"), "--output-dir",
                  str(tmp_path / "r2"), "--max-steps", "1"]) == 2
     assert "rebuild it" in capsys.readouterr().err
+
+
+def test_a_run_that_draws_its_data_again_builds_its_own_cache_with_the_same_losses(sd_dir, pairs_parquet, tmp_path):
+    rows = len(load_pickapic(str(pairs_parquet)))
+    steps = 2 * rows // 4 + 2  # more pairs drawn than the 2 x rows encodings a cache with flips costs
+    from_images = train(cfg(sd_dir, pairs_parquet, tmp_path / "images", max_steps=steps, cache_latents=False))
+    auto = cfg(sd_dir, pairs_parquet, tmp_path / "auto", max_steps=steps)
+    from_cache = train(auto)
+    assert (tmp_path / "auto" / "latent-cache" / "manifest.json").exists()
+    assert not (tmp_path / "images" / "latent-cache").exists()
+    np.testing.assert_allclose(from_cache["loss"], from_images["loss"], rtol=1e-4, atol=1e-6)
+    assert from_cache.data_summary == from_images.data_summary
+    short = train(cfg(sd_dir, pairs_parquet, tmp_path / "short", max_steps=2))  # 8 pairs: not worth a cache
+    assert len(short["loss"]) == 2 and not (tmp_path / "short" / "latent-cache").exists()
+
+
+def test_the_automatic_cache_is_rebuilt_when_its_source_changes(sd_dir, pairs_parquet, tmp_path):
+    import shutil
+
+    from dpo_tutorial.models import load_parts
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(pairs_parquet, data / "train.parquet")
+    config = cfg(sd_dir, data, tmp_path / "run", max_steps=50)
+    parts = load_parts(config.pretrained)
+    folder = auto_cache(config, parts)
+    manifest = folder / "manifest.json"
+    first = manifest.stat().st_mtime_ns
+    assert auto_cache(config, parts) == folder and manifest.stat().st_mtime_ns == first  # reused as it is
+    rows = make_rows(n_good=20, seed=3)
+    write_pickapic_parquet(data / "train.parquet", rows)  # the user edits the data between two runs
+    assert auto_cache(config, parts) == folder and manifest.stat().st_mtime_ns != first
+    assert check_cache(folder, config)["num_rows"] == len(rows)
+
+
+def test_when_a_run_reads_images_instead_of_building_a_cache(sd_dir, pairs_parquet):
+    c = cfg(sd_dir, pairs_parquet, "unused", max_steps=100, batch_size=4)  # 400 pairs drawn
+    assert auto_cache_skip_reason(c, 18, 1000) is None
+    cases = [(dict(cache="somewhere"), "a cache folder is given"), (dict(cache_latents=False), "cache_latents is off"),
+             (dict(streaming=True), "not a local"), (dict(dataset="yuvalkirstain/pickapic_v2"), "not a local"),
+             (dict(random_crop=True), "random_crop needs the images"),
+             (dict(max_steps=9), "draws 36 pairs, not more than the 36 encodings")]
+    for change, reason in cases:
+        assert reason in auto_cache_skip_reason(c.replace(**change), 18, 1000)
+    assert "would take" in auto_cache_skip_reason(c, 18, AUTO_CACHE_MAX_BYTES // 10)

@@ -14,10 +14,10 @@ except ModuleNotFoundError:  # Python 3.10: the dev extra installs tomli
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
-def test_the_seven_notebooks_exist_in_order():
+def test_the_notebooks_exist_in_order():
     names = [p.stem for p in NOTEBOOKS]
     assert names == ["01_pickapic_layout", "02_shared_noise", "03_model_diff_geometry", "04_logsigmoid_loss",
-                     "05_one_training_step", "06_train_lora", "07_evaluate"]
+                     "05_one_training_step", "06_train_lora", "07_evaluate", "08_your_taste"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
