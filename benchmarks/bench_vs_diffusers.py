@@ -177,7 +177,8 @@ def make_work(name: str, folder: Path) -> tuple[str, str]:
     from dpo_tutorial.fixtures import build_tiny_pipeline
 
     spec = WORKS[name]
-    pipeline = build_tiny_pipeline(folder / "pipeline", prediction_type="v_prediction", resolution=spec["resolution"])
+    pipeline = build_tiny_pipeline(folder / "pipeline", prediction_type="v_prediction", resolution=spec["resolution"],
+                                   latent_factor=4)  # 12x12 latents, as the toy has 8x8 at 32 px
     rng = np.random.default_rng(0)
     rows = []
     for i in range(spec["pairs"]):  # clean pairs: two random images, a caption, label 1 or 0 (no ties)
@@ -226,13 +227,17 @@ def timed(cmd: list[str], env: dict, log: Path) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> None:
     """Run both programs at two step counts per work and print per-step seconds, the ratio and peak RSS."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--script", required=True, help="path to diffusers' examples/research_projects/"
+    parser.add_argument("--script", default="", help="path to diffusers' examples/research_projects/"
                                                         "diffusion_dpo/train_diffusion_dpo.py")
     parser.add_argument("--work", nargs="+", default=list(WORKS), choices=list(WORKS))
     parser.add_argument("--steps", nargs=2, type=int, default=[8, 48], metavar=("LOW", "HIGH"))
     parser.add_argument("--repeats", type=int, default=1, help="run each (program, steps) this many times, keep the min")
     parser.add_argument("--out", default=None, help="keep logs and runs here (default: a temporary folder)")
+    parser.add_argument("--make-work", nargs=2, metavar=("WORK", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.make_work:  # the child that builds a work's pipeline and data
+        print(json.dumps(make_work(args.make_work[0], Path(args.make_work[1]))))
+        return
     if not Path(args.script).is_file():
         raise SystemExit(f"--script {args.script!r} is not a file: fetch diffusers and pass "
                          "examples/research_projects/diffusion_dpo/train_diffusion_dpo.py")
@@ -242,7 +247,10 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for name in args.work:
         spec = WORKS[name]
-        pipeline, dataset = make_work(name, root / name)
+        # built in a child process, so this parent stays small: a child's peak RSS starts from its parent's
+        made = subprocess.run([sys.executable, __file__, "--make-work", name, str(root / name)], check=True,
+                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        pipeline, dataset = json.loads(made.stdout.strip().splitlines()[-1])
         env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "MKL_NUM_THREADS": str(spec["threads"]),
                "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "disabled", "TQDM_MININTERVAL": "5",
                "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -260,16 +268,31 @@ def main(argv: list[str] | None = None) -> None:
                     rss[program] = max(peak, rss.get(program, 0.0))
                     print(f"  {name} {program:7s} {steps:4d} steps: {wall:7.1f} s, peak RSS {peak:6.0f} MiB", flush=True)
         per_step = {p: (walls[p, high] - walls[p, low]) / (high - low) for p in ("script", "project")}
+        stages = root / name / "stages.json"
+        subprocess.run([sys.executable, str(REPO / "benchmarks" / "profile_step.py"), "--pretrained", pipeline,
+                        "--dataset", dataset, "--resolution", str(spec["resolution"]), "--batch-size",
+                        str(spec["batch_size"]), "--json", str(stages), *(["--random-flip"] if spec["flip"] else [])],
+                       env=env, check=True, capture_output=True)
+        ms = json.loads(stages.read_text())
+        unet_s = (ms["policy forward + backward"] + ms["reference forward"]) / 1000
         results.append(dict(work=name, threads=spec["threads"], script_s_per_step=per_step["script"],
                             project_s_per_step=per_step["project"], ratio=per_step["script"] / per_step["project"],
-                            script_rss_mib=rss["script"], project_rss_mib=rss["project"]))
+                            script_rss_mib=rss["script"], project_rss_mib=rss["project"], unet_s=unet_s,
+                            script_overhead=per_step["script"] / unet_s - 1,
+                            project_overhead=per_step["project"] / unet_s - 1, stages_ms=ms))
     print(textwrap.dedent(f"""
         per-step seconds = (wall at {high} steps - wall at {low}) / {high - low}; ratio = script / project (> 1: project faster)
-        | work | threads | diffusers script s/step | dpo-tutorial train s/step | ratio | peak RSS script / project (MiB) |
-        |---|---|---|---|---|---|"""))
+        overhead = per-step time / (policy fwd+bwd + reference fwd, timed alone by profile_step.py) - 1
+        | work | threads | diffusers script s/step | dpo-tutorial train s/step | ratio | overhead script / project | peak RSS script / project (MiB) |
+        |---|---|---|---|---|---|---|"""))
     for r in results:
         print(f"| {r['work']} | {r['threads']} | {r['script_s_per_step']:.4f} | {r['project_s_per_step']:.4f} | "
-              f"{r['ratio']:.2f}x | {r['script_rss_mib']:.0f} / {r['project_rss_mib']:.0f} |")
+              f"{r['ratio']:.2f}x | {r['script_overhead']:+.0%} / {r['project_overhead']:+.0%} | "
+              f"{r['script_rss_mib']:.0f} / {r['project_rss_mib']:.0f} |")
+    for r in results:
+        print(f"\nstages of one step, {r['work']} (ms, each timed alone):")
+        for stage, value in r["stages_ms"].items():
+            print(f"  {stage:45s} {value:8.2f}")
     (root / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\nlogs and results.json in {root}")
 
