@@ -5,7 +5,8 @@ weights (compute and memory do not depend on the weight values). For each archit
 
 - ``recipe``: what the diffusers script does each step: fp16 autocast, VAE-encode the 2B images and
   text-encode the captions, then the policy pass (LoRA on) and the reference pass (LoRA off);
-- ``cached``: this project's step from the latent cache (no VAE / text encoder), bf16 autocast;
+- ``cached``: this project's step (``dpo_tutorial.step.dpo_step``) on a latent-cache batch (no VAE / text
+  encoder), bf16 autocast;
 - ``cached+cl``, ``cached+compile``: plus channels_last, plus ``torch.compile`` of the UNet.
 
 It prints ms/step, pairs/s, peak GPU memory and model FLOPs utilisation (FLOPs of the UNet passes counted
@@ -21,6 +22,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from dpo_tutorial.step import dpo_step
 
 PEAK_BF16_TFLOPS = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0,
                     "L4": 121.0, "T4": 65.0}
@@ -67,8 +70,20 @@ def build(arch: str, tiny: bool, device):
     return unet, params, vae, text
 
 
+def _parts(unet, vae, text, is_sdxl: bool):
+    """The package's ``DiffusionParts`` around the benchmark's models (SD 1.5's DDPM schedule)."""
+    from diffusers import DDPMScheduler
+
+    from dpo_tutorial.models import DiffusionParts
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012)
+    vae.register_to_config(scaling_factor=0.18215)
+    return DiffusionParts([], [text], vae, unet, scheduler, is_sdxl)
+
+
 def make_step(kind: str, unet, vae, text, pairs: int, device):
-    """A closure running one optimizer step of variant ``kind``; returns (step_fn, optimizer)."""
+    """A closure running one optimizer step of variant ``kind``."""
     latent = unet.config.sample_size
     pixels = latent * 2 ** (len(vae.config.block_out_channels) - 1)
     dtype = torch.float16 if kind == "recipe" else torch.bfloat16
@@ -83,29 +98,36 @@ def make_step(kind: str, unet, vae, text, pairs: int, device):
     ids = torch.randint(0, 49408, (pairs, 77), device=device)
     mean = torch.randn(2 * pairs, 4, latent, latent, device=device)
     opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-5)
-    fmt = torch.channels_last if "cl" in kind else torch.contiguous_format
+
+    parts = _parts(unet, vae, text, is_sdxl=added is not None)
+    cached = {"latent_mean": mean, "latent_std": torch.full_like(mean, 0.1),  # what a latent-cache batch holds
+              "prompt_embeds": embeds[:pairs], "captions": [""] * pairs,
+              "time_ids": added["time_ids"] if added else torch.zeros(2 * pairs, 6, device=device)}
+    if added:
+        cached["pooled"] = added["text_embeds"][:pairs]
+    if "cl" in kind:
+        unet.to(memory_format=torch.channels_last)
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda" or dtype == torch.bfloat16):
-            if kind == "recipe":  # the recipe re-encodes every step
+            if kind == "recipe":  # the diffusers script's step, written out: it re-encodes every step
                 with torch.no_grad():
                     latents = vae.encode(images).latent_dist.sample() * 0.18215
                     text(ids)  # the caption embeddings (SDXL also runs a second encoder: not counted here)
-            else:
-                latents = mean + torch.randn_like(mean)
-            latents = latents.contiguous(memory_format=fmt)
-            noise = torch.randn_like(latents).chunk(2)[0].repeat(2, 1, 1, 1)
-            t = torch.randint(0, 1000, (pairs,), device=device).repeat(2)
-            noisy = noise + latents  # the scheduler's scaling does not change the cost
-            pred = unet(noisy, t, embeds, added_cond_kwargs=added).sample
-            with torch.no_grad():
-                unet.disable_adapters()
-                ref = unet(noisy, t, embeds, added_cond_kwargs=added).sample
-                unet.enable_adapters()
-            mse = lambda p: (p.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))  # noqa: E731
-            mw, ml = mse(pred).chunk(2)
-            rw, rl = mse(ref).chunk(2)
-            loss = -F.logsigmoid(-0.5 * 5000 * ((mw - ml) - (rw - rl))).mean()
+                noise = torch.randn_like(latents).chunk(2)[0].repeat(2, 1, 1, 1)
+                t = torch.randint(0, 1000, (pairs,), device=device).repeat(2)
+                noisy = parts.noise_scheduler.add_noise(latents, noise, t)
+                pred = unet(noisy, t, embeds, added_cond_kwargs=added).sample
+                with torch.no_grad():
+                    unet.disable_adapters()
+                    ref = unet(noisy, t, embeds, added_cond_kwargs=added).sample
+                    unet.enable_adapters()
+                mse = lambda p: (p.float() - noise.float()).pow(2).mean(dim=(1, 2, 3))  # noqa: E731
+                mw, ml = mse(pred).chunk(2)
+                rw, rl = mse(ref).chunk(2)
+                loss = -F.logsigmoid(-0.5 * 5000 * ((mw - ml) - (rw - rl))).mean()
+            else:  # the package's own step on a latent-cache batch: a regression in it shows up here
+                loss = dpo_step(parts, unet, cached, beta=5000.0).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
