@@ -69,7 +69,7 @@ def make_figures(out_dir: str | Path = "figures") -> list[str]:
         test = load_pickapic(cfg.dataset, "test")
         batch = next(iter(PairStream(test, PairTransform(cfg.resolution, random_flip=False), budget(64, 16), seed=0)))
         # notebook 04's band: the per-element gap after an untrained LoRA's first steps (the warm-up)
-        early = first_steps(get_preset("toy", num_threads=FIGURE_THREADS), budget(50, 8))
+        early = first_steps(get_preset("toy", num_threads=FIGURE_THREADS), budget(50, 4))
         delta = (early["model_diff"][-1] - early["ref_diff"][-1]).abs().median().item()
         written.append(_save(plots.beta_figure(delta, betas=(cfg.beta / 4, cfg.beta, cfg.beta * 4)), out / "beta.png"))
         with reference_mode(parts.unet):  # the base model's own spread
