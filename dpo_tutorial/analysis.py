@@ -1,4 +1,5 @@
-"""Measurements the notebooks show: which sharing of ε and t buys what, errors by noise level, per-pair errors."""
+"""Measurements the notebooks show: which sharing of ε and t buys what, errors by noise level, per-pair errors,
+the first optimizer steps of a fresh run."""
 from __future__ import annotations
 
 import torch
@@ -116,3 +117,35 @@ def pair_errors(parts: DiffusionParts, unet, batch: dict, num_draws: int = 8, se
         for k in sums:
             sums[k] += errors[k].mean().item() / num_draws
     return sums
+
+
+def first_steps(config, num_steps: int) -> dict:
+    """The first ``num_steps`` optimizer steps of a fresh run of ``config`` (the LoRA starts at zero), in a
+    temporary folder: nothing is saved.
+
+    Returns ``(num_steps, B)`` tensors ``model_diff``, ``ref_diff`` and ``logits`` of each step's batch
+    (all its micro-batches), measured as training measures them, before that step's update, and the
+    ``(num_steps,)`` learning rate ``lr`` each update used. Step 1 measures the untrained LoRA (policy =
+    reference, so every ``model_diff - ref_diff`` is exactly 0).
+    """
+    import tempfile
+
+    from .run_dir import release_output_dir
+    from .train import optimizer_step, setup_run
+
+    rows = {"model_diff": [], "ref_diff": [], "logits": []}
+    lrs = []
+    with tempfile.TemporaryDirectory() as folder:
+        run = setup_run(config.replace(output_dir=folder, resume=None, max_steps=max(config.max_steps, num_steps),
+                                       sample_grid=False))
+        try:
+            batches = iter(run.stream)
+            for _ in range(num_steps):
+                lrs.append(run.lr_scheduler.get_last_lr()[0])
+                outs, _, _ = optimizer_step(run, batches)
+                for key in rows:
+                    rows[key].append(torch.cat([getattr(o, key).float().cpu() for o in outs]))
+        finally:
+            run.accelerator.end_training()
+            release_output_dir(folder)
+    return {**{key: torch.stack(values) for key, values in rows.items()}, "lr": torch.tensor(lrs)}

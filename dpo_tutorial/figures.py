@@ -43,13 +43,12 @@ def fix_randomness(threads: int, seed: int = 0) -> None:
 def make_figures(out_dir: str | Path = "figures") -> list[str]:
     """Write logsigmoid, beta, loss variants, geometry, shared-noise, training-curve and base-vs-DPO figures."""
     from . import get_preset, plots
-    from .analysis import model_diff_draws
+    from .analysis import first_steps, model_diff_draws
     from .data import PairStream, PairTransform, load_pickapic
     from .evaluate import load_with_lora
     from .models import reference_mode
     from .notebook_env import budget
     from .toy.evaluation import evaluate_toy, heldout_prompts
-    from .step import dpo_step
     from .train import train
 
     out = Path(out_dir)
@@ -69,9 +68,9 @@ def make_figures(out_dir: str | Path = "figures") -> list[str]:
         pipe, parts = load_with_lora(cfg.pretrained, run_dir)
         test = load_pickapic(cfg.dataset, "test")
         batch = next(iter(PairStream(test, PairTransform(cfg.resolution, random_flip=False), budget(64, 16), seed=0)))
-        with torch.no_grad():
-            res = dpo_step(parts, parts.unet, batch, cfg.beta, generator=torch.Generator().manual_seed(0))
-        delta = (res.model_diff - res.ref_diff).abs().median().item()
+        # notebook 04's band: the per-element gap after an untrained LoRA's first steps (the warm-up)
+        early = first_steps(get_preset("toy", num_threads=FIGURE_THREADS), budget(50, 4))
+        delta = (early["model_diff"][-1] - early["ref_diff"][-1]).abs().median().item()
         written.append(_save(plots.beta_figure(delta, betas=(cfg.beta / 4, cfg.beta, cfg.beta * 4)), out / "beta.png"))
         with reference_mode(parts.unet):  # the base model's own spread
             shared = model_diff_draws(parts, parts.unet, batch, budget(64, 8))

@@ -231,6 +231,19 @@ def encode_images(vae: torch.nn.Module, pixel_values: torch.Tensor, generator: t
     return torch.cat(chunks) * vae.config.scaling_factor
 
 
+def latent_elements(vae_config: dict, resolution: int) -> int:
+    """Elements in one image's latent at ``resolution`` px: ``C * (resolution / f) ** 2``, with ``C`` the VAE's
+    ``latent_channels`` and ``f = 2 ** (len(block_out_channels) - 1)`` its downsampling factor. ``vae_config``:
+    a VAE's config mapping (``vae.config``, ``AutoencoderKL.load_config(...)``, or a dict of those two keys).
+
+    This is the ``d`` that :func:`dpo_tutorial.loss.per_sample_mse` divides a squared norm by: 4 * 8 * 8 = 256
+    for the toy at 32 px, 4 * 64 * 64 = 16,384 for SD 1.5 at 512 px and 4 * 128 * 128 = 65,536 for SDXL at
+    1024 px (their VAEs: 4 latent channels, four blocks, f = 8).
+    """
+    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    return int(vae_config["latent_channels"]) * (resolution // factor) ** 2
+
+
 def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
     r"""What the UNet must predict: ε, or :math:`v = \sqrt{\bar\alpha_t}\,\epsilon - \sqrt{1-\bar\alpha_t}\,x_0`."""
     kind = scheduler.config.prediction_type

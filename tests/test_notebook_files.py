@@ -14,10 +14,34 @@ except ModuleNotFoundError:  # Python 3.10: the dev extra installs tomli
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
+NUMBERED = [p for p in NOTEBOOKS if p.stem[:2].isdigit()]
+
+
 def test_the_notebooks_exist_in_order():
     names = [p.stem for p in NOTEBOOKS]
-    assert names == ["01_pickapic_layout", "02_shared_noise", "03_model_diff_geometry", "04_logsigmoid_loss",
-                     "05_one_training_step", "06_train_lora", "07_evaluate", "08_your_taste"]
+    assert names == ["00_derivation", "01_pickapic_layout", "02_shared_noise", "03_model_diff_geometry",
+                     "04_logsigmoid_loss", "05_one_training_step", "06_train_lora", "07_evaluate", "08_your_taste",
+                     "solutions"]
+
+
+def _markdown(path: Path) -> list[str]:
+    return ["".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "markdown"]
+
+
+@pytest.mark.parametrize("path", NUMBERED, ids=lambda p: p.stem)
+def test_numbered_notebook_has_its_scaffolding(path):
+    """"You will learn" near the top, 2-3 exercises pointing at the solutions, "Takeaways" last, and links to
+    the previous and next notebooks."""
+    cells = json.loads(path.read_text())["cells"]
+    assert any("**You will learn**" in "".join(c["source"]) for c in cells[:3] if c["cell_type"] == "markdown")
+    assert cells[-1]["cell_type"] == "markdown" and "".join(cells[-1]["source"]).startswith("## Takeaways")
+    exercises = [m for m in _markdown(path) if m.startswith("## Exercises")]
+    assert len(exercises) == 1 and "(solutions.ipynb)" in exercises[0]
+    assert 2 <= sum(line.startswith(f"{n}. **") for n in range(1, 10) for line in exercises[0].splitlines()) <= 3
+    i = NUMBERED.index(path)
+    text = "\n".join(_markdown(path))
+    for neighbour in NUMBERED[max(0, i - 1):i] + NUMBERED[i + 1:i + 2]:
+        assert f"]({neighbour.name})" in text, f"{path.name} does not link to {neighbour.name}"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
