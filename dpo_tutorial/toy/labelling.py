@@ -20,8 +20,8 @@ from ..pickapic import encode_image, pickapic_row, write_pickapic_parquet
 from . import GUIDANCE_SCALE, SAMPLE_STEPS, world
 from .tastes import Taste, scripted_labels
 
-CANDIDATE_SEED_BASE = 2_000_000_000  # sampling seeds of candidate pairs: disjoint from the shipped pairs' (< 2**31 - 1
-# drawn without replacement from a generator, so they may meet; taste runs never mix the two) and the evaluation's (>= 3e9)
+CANDIDATE_SEED_BASE = 2_000_000_000  # candidate pairs' sampling seeds start here, below the held-out evaluation's
+# (>= 3e9), so a taste is never measured on the images it was labelled on
 CHOICES = {"left": 1.0, "right": 0.0, "tie": 0.5, "skip": None}  # a click -> label_0 (None: not a label)
 
 
