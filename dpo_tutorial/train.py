@@ -244,14 +244,16 @@ def setup_run(config: TrainConfig) -> TrainingRun:
         lock_output_dir(config.output_dir)
     set_seed(config.seed)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    parts = load_parts(config.pretrained, config.vae, config.prediction_type)
+    stream = make_stream(config, accelerator.process_index, accelerator.num_processes)  # bad data fails here,
+    parts = load_parts(config.pretrained, config.vae, config.prediction_type)       # before any model loads
     parts.vae_encode_batch_size = config.vae_encode_batch_size
     params, ref_unet = _prepare_model(parts, config, weight_dtype)
     for module in (parts.vae, *parts.text_encoders, *([ref_unet] if ref_unet is not None else [])):
         module.to(accelerator.device)
     with accelerator.main_process_first():  # the main process builds the run's latent cache, the others read it
         cache_dir = auto_cache(config, parts, accelerator.num_processes)
-    stream = make_stream(config, accelerator.process_index, accelerator.num_processes, cache_dir)
+    if cache_dir:
+        stream = make_stream(config, accelerator.process_index, accelerator.num_processes, cache_dir)
     optimizer = make_optimizer(params, config)
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer,
                                  num_warmup_steps=config.lr_warmup_steps * accelerator.num_processes,
