@@ -40,7 +40,7 @@ FAST ?= 1
 # JupyterLab refuses to start as root without --allow-root
 JUPYTER_ROOT := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root)
 
-.PHONY: python install-torch install install-dev train test figures notebooks docs
+.PHONY: python install-torch install install-dev train test floors figures notebooks docs
 
 # creates .venv/ only when PYTHON is the project venv (see above)
 python: $(filter $(VENV_PYTHON),$(PYTHON))
@@ -63,6 +63,11 @@ train: install
 
 test: install-dev
 	DPO_TUTORIAL_FAST=$(FAST) $(PYTHON) -m pytest -q --nbmake --nbmake-timeout=600 tests notebooks
+
+# pyproject's lower bounds, proven: a fresh .venv-floors/ with torch, diffusers, peft, transformers, accelerate
+# and datasets at exactly their floors, then the fast tests (see scripts/check_floors.sh)
+floors:
+	PYTHON=$(BASE_PYTHON) TORCH_INDEX=$(TORCH_INDEX) bash scripts/check_floors.sh
 
 figures: install
 	$(CLI) figures
