@@ -222,6 +222,16 @@ class TrainingRun:
     out: Path
     history: History
     batches: Prefetcher | None = None  # set by train(): the stream, read ahead in a background thread
+    cached: bool = False  # the stream reads a latent cache (lookups, nothing to decode)
+
+
+def prefetch_depth(config: TrainConfig, device: torch.device, cached: bool) -> int:
+    """Batches to read ahead in a background thread: ``config.prefetch`` when set, else 2 on an accelerator reading
+    images and 0 otherwise. On a CPU-only run the compute already uses every core, and a reader thread beside it
+    only slows the step (toy, 2 threads, from the latent cache: 0.19 s a step in the loop, 0.32 s with the thread)."""
+    if config.prefetch is not None:
+        return config.prefetch
+    return 0 if cached or device.type == "cpu" else 2
 
 
 def setup_run(config: TrainConfig) -> TrainingRun:
@@ -263,7 +273,8 @@ def setup_run(config: TrainConfig) -> TrainingRun:
     out = Path(config.output_dir)
     return TrainingRun(config=config, accelerator=accelerator, parts=parts, unet=unet, ref_unet=ref_unet,
                        params=params, optimizer=optimizer, lr_scheduler=lr_scheduler, stream=stream,
-                       generator=generator, out=out, history=History(output_dir=str(out)))
+                       generator=generator, out=out, history=History(output_dir=str(out)),
+                       cached=bool(cache_dir or config.cache))
 
 
 def make_stream(config: TrainConfig, rank: int, world_size: int, cache_dir: str | Path | None = None) -> PairStream:
@@ -395,7 +406,7 @@ def train(config: TrainConfig) -> History:
     """
     run = setup_run(config)
     start_step = _resume_and_open_logs(run)
-    run.batches = Prefetcher(run.stream, config.prefetch)
+    run.batches = Prefetcher(run.stream, prefetch_depth(config, run.accelerator.device, run.cached))
     try:
         _loop(run, start_step)
     finally:

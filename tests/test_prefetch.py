@@ -60,3 +60,19 @@ def test_wait_is_measured_and_errors_reach_the_trainer():
     with pytest.raises(RuntimeError, match="bad batch 3"):
         next(fetched)
     fetched.close()
+
+
+def test_a_reader_thread_runs_only_where_it_cannot_take_the_computes_cores():
+    """On a CPU-only run the compute uses every core; a reader thread beside it made the toy's step 0.32 s instead
+    of 0.19 s (issue 17), so by default it runs only on an accelerator reading images; a set value is obeyed."""
+    import torch
+
+    from dpo_tutorial.config import get_preset
+    from dpo_tutorial.train import prefetch_depth
+
+    toy = get_preset("toy")
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert toy.prefetch is None
+    assert (prefetch_depth(toy, cpu, False), prefetch_depth(toy, cpu, True)) == (0, 0)
+    assert (prefetch_depth(toy, gpu, False), prefetch_depth(toy, gpu, True)) == (2, 0)
+    assert prefetch_depth(toy.replace(prefetch=3), cpu, True) == 3
