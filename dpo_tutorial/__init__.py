@@ -33,7 +33,8 @@ Modules, one concept each (``docs/ARCHITECTURE.md`` draws them):
 - ``tokenizer``: builds the small CLIP tokenizer of the toy model and the test stand-ins.
 - ``fixtures``: tiny random-weight SD / SDXL / PickScore stand-ins for tests and benchmarks (not imported
   by the rest of the package).
-- ``toy``: the shapes world, its judge, the scripts that made the shipped model and pairs, its evaluation.
+- ``toy``: the shapes world, its judge, the scripts that made the shipped model and pairs, its evaluation, and
+  notebook 08's tastes, labelling widget and training on the learner's own labels.
 - ``cli``: the ``dpo-tutorial`` command.
 """
 from .config import ConfigError, TrainConfig, get_preset

@@ -4,6 +4,10 @@
 - ``judge``: a transparent programmatic scorer that plays the human rater.
 - ``pretrain``: trains the tiny SD pipeline from scratch; it often draws the wrong colour.
 - ``pairs``: samples the base model and writes Pick-a-Pic-v2-style preference pairs.
+- ``evaluation``: base vs DPO on held-out prompts, the judge playing the raters.
+- ``tastes``: preferences no caption names (bigger, left, brighter), each with a scorer; a scripted labeller.
+- ``labelling``: candidate pairs, a label file in the Pick-a-Pic schema that survives restarts, the widget.
+- ``your_taste``: DPO on the learner's labels and the measured shift (notebook 08).
 
 Shipped assets live in ``assets/``: ``tiny-sd-shapes/`` (a ``StableDiffusionPipeline`` folder) and
 ``pickapic-shapes/`` (``train``/``validation``/``test`` parquet files).
