@@ -137,7 +137,7 @@ def first_steps(config, num_steps: int) -> dict:
     lrs = []
     with tempfile.TemporaryDirectory() as folder:
         run = setup_run(config.replace(output_dir=folder, resume=None, max_steps=max(config.max_steps, num_steps),
-                                       sample_grid=False))
+                                       sample_grid=False, cache_latents=False))  # a few steps: not worth a cache
         try:
             batches = iter(run.stream)
             for _ in range(num_steps):

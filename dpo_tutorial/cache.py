@@ -252,9 +252,9 @@ def auto_cache_skip_reason(config, num_rows: int, latent_bytes: int, world_size:
 
 def latent_bytes_per_row(parts, config) -> int:
     """Bytes one row takes in a cache: posterior mean and std of two images in each orientation, float32."""
-    vae = parts.vae.config
-    side = config.resolution // 2 ** (len(vae.block_out_channels) - 1)
-    return 2 * 2 * (2 if config.random_flip else 1) * vae.latent_channels * side * side * 4
+    from .models import latent_elements
+
+    return 2 * 2 * (2 if config.random_flip else 1) * latent_elements(parts.vae.config, config.resolution) * 4
 
 
 def auto_cache(config, parts, world_size: int = 1) -> Path | None:
