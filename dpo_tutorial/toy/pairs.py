@@ -24,6 +24,7 @@ import torch
 from dpo_tutorial.pickapic import encode_image, pickapic_row, write_pickapic_parquet
 from dpo_tutorial.sample import generate, load_pipeline
 from dpo_tutorial.toy import GUIDANCE_SCALE, PAIRS_DIR, PIPELINE_DIR, SAMPLE_STEPS, judge, world
+from dpo_tutorial.toy.tastes import preference_labels
 
 DEFAULT_PIPELINE = PIPELINE_DIR
 DEFAULT_OUT = PAIRS_DIR
@@ -38,11 +39,7 @@ def judge_labels(img0: np.ndarray, img1: np.ndarray, captions: list[str],
     """label_0 per pair: 1 / 0 / 0.5 (tie) from judge scores, then flip ``label_noise`` of non-ties."""
     s0 = judge.score_batch(img0, captions).numpy()  # (N,)
     s1 = judge.score_batch(img1, captions).numpy()  # (N,)
-    label = np.where(s0 > s1, 1.0, 0.0)
-    label[np.abs(s0 - s1) <= TIE_TOL] = 0.5
-    flip = (rng.random(len(label)) < label_noise) & (label != 0.5)
-    label[flip] = 1.0 - label[flip]
-    return label
+    return preference_labels(s0, s1, label_noise, rng, TIE_TOL)
 
 
 def _uid(rng: np.random.Generator) -> str:

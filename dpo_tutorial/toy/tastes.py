@@ -80,16 +80,23 @@ def get_taste(name: str) -> Taste:
     return TASTES[name]
 
 
-def scripted_labels(taste: Taste | str, img0: np.ndarray, img1: np.ndarray, noise: float,
-                    rng: np.random.Generator, tie_tol: float = 1e-6) -> np.ndarray:
-    """``label_0`` per pair as a labeller following ``taste`` would click: 1 when image 0 scores higher, 0 when
-    lower, 0.5 (a tie) within ``tie_tol``; then a fraction ``noise`` of the non-tie labels is flipped."""
+def preference_labels(s0: np.ndarray, s1: np.ndarray, noise: float, rng: np.random.Generator,
+                      tie_tol: float) -> np.ndarray:
+    """``label_0`` per pair from two ``(N,)`` score arrays: 1 when image 0 scores higher, 0 when lower, 0.5 (a tie)
+    within ``tie_tol``; then a fraction ``noise`` of the non-tie labels is flipped (careless raters). Used by the
+    toy's shipped pairs (the caption judge) and by notebook 08's scripted labeller (a taste's scorer)."""
     if not 0.0 <= noise <= 1.0:
         raise ValueError(f"noise must be a fraction in [0, 1], got {noise}")
-    taste = get_taste(taste) if isinstance(taste, str) else taste
-    s0, s1 = taste.score(img0), taste.score(img1)  # (N,), (N,)
     label = np.where(s0 > s1, 1.0, 0.0)
     label[np.abs(s0 - s1) <= tie_tol] = 0.5
     flip = (rng.random(len(label)) < noise) & (label != 0.5)
     label[flip] = 1.0 - label[flip]
     return label
+
+
+def scripted_labels(taste: Taste | str, img0: np.ndarray, img1: np.ndarray, noise: float,
+                    rng: np.random.Generator, tie_tol: float = 1e-6) -> np.ndarray:
+    """``label_0`` per pair as a labeller following ``taste`` would click, erring on a fraction ``noise`` of
+    the non-tie pairs (:func:`preference_labels` on the taste's scores)."""
+    taste = get_taste(taste) if isinstance(taste, str) else taste
+    return preference_labels(taste.score(img0), taste.score(img1), noise, rng, tie_tol)

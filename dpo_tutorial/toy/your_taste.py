@@ -55,20 +55,18 @@ def measure_shift(lora_dir: str | Path, taste: Taste | str, per_caption: int = 2
                   pretrained: str | Path = PIPELINE_DIR) -> TasteShift:
     """Sample the 12 captions ``per_caption`` times each with and without the LoRA in ``lora_dir`` (seeds from the
     toy evaluation's held-out range) and score both sets (see :class:`TasteShift`)."""
-    from ..evaluate import load_with_lora, win_rate
-    from ..sample import generate_with_and_without_lora
+    from ..evaluate import compare_samples, load_with_lora, win_rate
     from . import GUIDANCE_SCALE, SAMPLE_STEPS
     from .evaluation import heldout_prompts, judge_correct
 
     taste = get_taste(taste) if isinstance(taste, str) else taste
     pipe, _parts = load_with_lora(str(pretrained), lora_dir)
     captions, seeds = heldout_prompts(per_caption)
-    base, dpo = generate_with_and_without_lora(pipe, captions, seeds, steps=SAMPLE_STEPS,
-                                               guidance_scale=GUIDANCE_SCALE)  # (N, 32, 32, 3) each
-    base_scores, dpo_scores = taste.score(base), taste.score(dpo)
-    return TasteShift(taste.name, captions, base, dpo, base_scores, dpo_scores, win_rate(base_scores, dpo_scores),
-                      float(judge_correct(base, captions).mean()), float(judge_correct(dpo, captions).mean()))
-
+    s = compare_samples(pipe, captions, seeds, lambda images, _captions: taste.score(images), judge_correct,
+                        SAMPLE_STEPS, GUIDANCE_SCALE)  # the caption judge plays judge_correct, as in evaluate_toy
+    return TasteShift(taste.name, captions, s["base_images"], s["dpo_images"], s["base_scores"], s["dpo_scores"],
+                      win_rate(s["base_scores"], s["dpo_scores"]), float(s["base_correct"].mean()),
+                      float(s["dpo_correct"].mean()))
 
 def train_on_labels(label_dir: str | Path, output_dir: str | Path, seed: int = 0, **overrides):
     """``(history, config)`` of a fresh :func:`taste_config` run on the labels in ``label_dir``.
