@@ -7,10 +7,13 @@ The diffusers script is not part of this repository: fetch it yourself, e.g.
 
 Both programs run on the same local pipeline, the same local Pick-a-Pic-format parquet, the same batch,
 resolution, learning rate, beta, LoRA rank, seed and thread count, each as its own process, twice: once
-for ``--steps`` LOW and once for HIGH optimizer steps. Per-step time = (wall(HIGH) − wall(LOW)) / (HIGH −
-LOW), so imports, model loading and the final export cancel. Peak RSS is the process's maximum resident
-set (``getrusage`` of the children). Everything the project does beyond the script's work stays in the
-timing (its latent cache is built inside the HIGH run; in the LOW run it is not worth building).
+for LOW and once for HIGH optimizer steps (``--steps``; defaults per work below). Per-step time =
+(wall(HIGH) − wall(LOW)) / (HIGH − LOW), so imports, model loading and the final export cancel; so does the
+project's latent-cache build when both runs draw enough pairs to build it (the defaults), which is why the
+whole-process walls at HIGH steps are printed as well: there the build is charged in full. Peak RSS is
+the process's maximum resident set (``wait4``). ``--compile`` adds a third program, the project with its
+opt-in ``--compile-unet``, after one untimed run that fills the Inductor cache (a cold compile, 1.5–2 min
+on 2 cores, would otherwise land in whichever run comes first).
 
 Two stand-ins make the script run offline on a CPU-only machine, written to a temporary folder:
 ``torchvision.transforms`` (the script's one torchvision import: Compose, Resize, CenterCrop, RandomCrop,
@@ -22,9 +25,10 @@ installed?" checks still say no), then puts the folder on ``sys.path`` and runs 
 
 Works (``--work``):
   ``48px``: a random 48-px v-prediction SD pipeline (``dpo_tutorial.fixtures``), 256 clean pairs, batch 16,
-           1 thread, lr 1e-5, beta 5000 (the script's beta_dpo 2500), no flips;
+           1 thread, lr 1e-5, beta 5000 (the script's beta_dpo 2500), no flips; steps 20 and 180;
   ``toy``:   the shipped toy pipeline and pairs with the toy preset's settings mapped onto the script's flags
-           (batch 32, lr 5e-3 cosine with 50 warm-up steps, beta 250, rank 8, flips), 2 threads.
+           (batch 32, lr 5e-3 cosine with 50 warm-up steps, beta 250, rank 8, flips), 2 threads; steps 200
+           and 700 (the preset's whole run).
 """
 from __future__ import annotations
 
@@ -129,10 +133,14 @@ class Normalize:
 
 WORKS = {
     "48px": dict(resolution=48, batch_size=16, threads=1, lr=1e-5, beta=5000.0, rank=8, scheduler="constant",
-                 warmup=0, flip=False, pairs=256),
+                 warmup=0, flip=False, pairs=256, steps=(20, 180)),
     "toy": dict(resolution=32, batch_size=32, threads=2, lr=5e-3, beta=250.0, rank=8, scheduler="cosine",
-                warmup=50, flip=True, pairs=None),
+                warmup=50, flip=True, pairs=None, steps=(200, 700)),
 }
+# default step counts: both above the point where the project's latent cache pays (256 pairs unflipped at
+# 48 px: 16 steps; 2,500 toy pairs x 2 flips / 32 a batch: 157 steps), so both of its runs build it, and
+# HIGH is the toy preset's whole run; the whole-process walls at HIGH are printed too, cache build included
+PROGRAMS = ("script", "project", "compile")
 
 
 LAUNCHER = '''"""Run the diffusers DPO script (argv[1]) with the stand-ins of this folder (benchmarks/bench_vs_diffusers.py)."""
@@ -201,15 +209,17 @@ def script_command(launcher: Path, script: str, pipeline: str, dataset: str, spe
     return cmd + ([] if spec["flip"] else ["--no_hflip"])
 
 
-def project_command(pipeline: str, dataset: str, spec: dict, steps: int, out: Path) -> list[str]:
-    """``dpo-tutorial train`` with its defaults plus the settings both programs share."""
+def project_command(pipeline: str, dataset: str, spec: dict, steps: int, out: Path, compile_unet: bool = False
+                    ) -> list[str]:
+    """``dpo-tutorial train`` with its defaults plus the settings both programs share (and ``--compile-unet``,
+    the opt-in ``torch.compile`` of the UNet, when ``compile_unet``)."""
     cmd = [sys.executable, "-m", "dpo_tutorial.cli", "train", "--preset", "toy", "--pretrained", pipeline,
            "--dataset", dataset, "--output-dir", str(out), "--resolution", str(spec["resolution"]),
            "--batch-size", str(spec["batch_size"]), "--max-steps", str(steps), "--lr", str(spec["lr"]),
            "--beta", str(spec["beta"]), "--rank", str(spec["rank"]), "--lr-scheduler", spec["scheduler"],
            "--lr-warmup-steps", str(spec["warmup"]), "--seed", "0", "--checkpoint-every", "0",
            "--heldout-split", "", "--no-sample-grid", "--num-threads", str(spec["threads"])]
-    return cmd + ([] if spec["flip"] else ["--no-random-flip"])
+    return cmd + ([] if spec["flip"] else ["--no-random-flip"]) + (["--compile-unet"] if compile_unet else [])
 
 
 def timed(cmd: list[str], env: dict, log: Path) -> tuple[float, float]:
@@ -230,7 +240,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--script", default="", help="path to diffusers' examples/research_projects/"
                                                         "diffusion_dpo/train_diffusion_dpo.py")
     parser.add_argument("--work", nargs="+", default=list(WORKS), choices=list(WORKS))
-    parser.add_argument("--steps", nargs=2, type=int, default=[8, 48], metavar=("LOW", "HIGH"))
+    parser.add_argument("--steps", nargs=2, type=int, default=None, metavar=("LOW", "HIGH"),
+                        help="step counts of the two runs (default per work: 48px 20 180, toy 200 700)")
+    parser.add_argument("--compile", action="store_true", help="also run the project with --compile-unet "
+                        "(torch.compile; needs a C++ compiler on CPU; its compile time cancels in the difference)")
     parser.add_argument("--repeats", type=int, default=1, help="run each (program, steps) this many times, keep the min")
     parser.add_argument("--out", default=None, help="keep logs and runs here (default: a temporary folder)")
     parser.add_argument("--make-work", nargs=2, metavar=("WORK", "DIR"), help=argparse.SUPPRESS)
@@ -243,10 +256,11 @@ def main(argv: list[str] | None = None) -> None:
                          "examples/research_projects/diffusion_dpo/train_diffusion_dpo.py")
     root = Path(args.out or tempfile.mkdtemp(prefix="bench-vs-diffusers-"))
     launcher = write_standins(root / "standins")
-    low, high = sorted(args.steps)
+    programs = PROGRAMS if args.compile else PROGRAMS[:2]
     results = []
     for name in args.work:
         spec = WORKS[name]
+        low, high = sorted(args.steps or spec["steps"])
         # built in a child process, so this parent stays small: a child's peak RSS starts from its parent's
         made = subprocess.run([sys.executable, __file__, "--make-work", name, str(root / name)], check=True,
                               capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -256,18 +270,24 @@ def main(argv: list[str] | None = None) -> None:
                "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
         walls: dict[tuple[str, int], float] = {}
         rss: dict[str, float] = {}
+        if "compile" in programs:  # an untimed first run fills the Inductor cache, so no timed run pays the cold compile
+            out = root / name / "compile-warmup"
+            out.mkdir(parents=True, exist_ok=True)
+            wall, _ = timed(project_command(pipeline, dataset, spec, low, out / "run", True), env, out / "log.txt")
+            print(f"  {name} compile {low:4d} steps: {wall:7.1f} s (warm-up: fills the compile cache, not counted)",
+                  flush=True)
         for rep in range(args.repeats):
             for steps in (low, high):
-                for program in ("script", "project"):  # interleaved, so drift in machine speed hits both
+                for program in programs:  # interleaved, so drift in machine speed hits all
                     out = root / name / f"{program}-{steps}-{rep}"
                     out.mkdir(parents=True, exist_ok=True)
                     cmd = (script_command(launcher, args.script, pipeline, dataset, spec, steps, out / "run") if program == "script"
-                           else project_command(pipeline, dataset, spec, steps, out / "run"))
+                           else project_command(pipeline, dataset, spec, steps, out / "run", program == "compile"))
                     wall, peak = timed(cmd, env, out / "log.txt")
                     walls[program, steps] = min(wall, walls.get((program, steps), float("inf")))
                     rss[program] = max(peak, rss.get(program, 0.0))
                     print(f"  {name} {program:7s} {steps:4d} steps: {wall:7.1f} s, peak RSS {peak:6.0f} MiB", flush=True)
-        per_step = {p: (walls[p, high] - walls[p, low]) / (high - low) for p in ("script", "project")}
+        per_step = {p: (walls[p, high] - walls[p, low]) / (high - low) for p in programs}
         stages = root / name / "stages.json"
         subprocess.run([sys.executable, str(REPO / "benchmarks" / "profile_step.py"), "--pretrained", pipeline,
                         "--dataset", dataset, "--resolution", str(spec["resolution"]), "--batch-size",
@@ -275,26 +295,42 @@ def main(argv: list[str] | None = None) -> None:
                        env=env, check=True, capture_output=True)
         ms = json.loads(stages.read_text())
         unet_s = (ms["policy forward + backward"] + ms["reference forward"]) / 1000
-        results.append(dict(work=name, threads=spec["threads"], script_s_per_step=per_step["script"],
+        results.append(dict(work=name, threads=spec["threads"], low=low, high=high, script_s_per_step=per_step["script"],
                             project_s_per_step=per_step["project"], ratio=per_step["script"] / per_step["project"],
                             script_rss_mib=rss["script"], project_rss_mib=rss["project"], unet_s=unet_s,
                             script_overhead=per_step["script"] / unet_s - 1,
-                            project_overhead=per_step["project"] / unet_s - 1, stages_ms=ms))
-    print(textwrap.dedent(f"""
-        per-step seconds = (wall at {high} steps - wall at {low}) / {high - low}; ratio = script / project (> 1: project faster)
-        overhead = per-step time / (policy fwd+bwd + reference fwd, timed alone by profile_step.py) - 1
-        | work | threads | diffusers script s/step | dpo-tutorial train s/step | ratio | overhead script / project | peak RSS script / project (MiB) |
-        |---|---|---|---|---|---|---|"""))
-    for r in results:
-        print(f"| {r['work']} | {r['threads']} | {r['script_s_per_step']:.4f} | {r['project_s_per_step']:.4f} | "
-              f"{r['ratio']:.2f}x | {r['script_overhead']:+.0%} / {r['project_overhead']:+.0%} | "
-              f"{r['script_rss_mib']:.0f} / {r['project_rss_mib']:.0f} |")
+                            project_overhead=per_step["project"] / unet_s - 1, stages_ms=ms,
+                            walls_at_high={p: walls[p, high] for p in programs},
+                            compile_s_per_step=per_step.get("compile"), compile_rss_mib=rss.get("compile")))
+    print_tables(results)
     for r in results:
         print(f"\nstages of one step, {r['work']} (ms, each timed alone):")
         for stage, value in r["stages_ms"].items():
             print(f"  {stage:45s} {value:8.2f}")
     (root / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\nlogs and results.json in {root}")
+
+
+def print_tables(results: list[dict]) -> None:
+    """The per-step table, the whole-process walls at HIGH steps and, when measured, the compiled UNet's row."""
+    print(textwrap.dedent("""
+        per-step seconds = (wall at HIGH steps - wall at LOW) / (HIGH - LOW); ratio = script / project (> 1: project faster)
+        overhead = per-step time / (policy fwd+bwd + reference fwd, timed alone by profile_step.py) - 1
+        | work | threads | steps | diffusers script s/step | dpo-tutorial train s/step | ratio | overhead script / project | peak RSS script / project (MiB) |
+        |---|---|---|---|---|---|---|---|"""))
+    for r in results:
+        print(f"| {r['work']} | {r['threads']} | {r['low']}, {r['high']} | {r['script_s_per_step']:.4f} | "
+              f"{r['project_s_per_step']:.4f} | {r['ratio']:.2f}x | {r['script_overhead']:+.0%} / "
+              f"{r['project_overhead']:+.0%} | {r['script_rss_mib']:.0f} / {r['project_rss_mib']:.0f} |")
+    print("\nwhole processes at HIGH steps (start-up, cache build and export included):")
+    for r in results:
+        walls = r["walls_at_high"]
+        print(f"  {r['work']}, {r['high']} steps: " + ", ".join(
+            f"{p} {w:.1f} s ({walls['script'] / w:.2f}x)" for p, w in walls.items()))
+    for r in results:
+        if r["compile_s_per_step"]:
+            print(f"  {r['work']} with --compile-unet: {r['compile_s_per_step']:.4f} s/step, "
+                  f"{r['script_s_per_step'] / r['compile_s_per_step']:.2f}x the script, peak RSS {r['compile_rss_mib']:.0f} MiB")
 
 
 if __name__ == "__main__":

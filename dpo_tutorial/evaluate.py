@@ -111,22 +111,37 @@ def implicit_reward_accuracy(parts, unet, dataset, resolution: int, num_draws: i
 
 
 def compare_samples(pipe, captions: list[str], seeds: list[int], judge_score, judge_correct, steps: int,
-                    guidance_scale: float, batch_size: int = 240) -> dict:
-    """Base (LoRA off) and DPO (LoRA on) images for the same captions and seeds, scored by the judge."""
-    from .sample import generate_with_and_without_lora
+                    guidance_scale: float, batch_size: int = 240, base_samples: dict | None = None) -> dict:
+    """Base (LoRA off) and DPO (LoRA on) images for the same captions and seeds, scored by the judge.
 
+    ``base_samples``: what an earlier call returned for the same base model, captions, seeds, sampler and
+    judge (e.g. when evaluating a second LoRA); its base images and scores are reused, not sampled again.
+    """
+    from .sample import generate, generate_with_and_without_lora
+
+    if base_samples is not None and len(base_samples["base_images"]) != len(captions):
+        raise ValueError(f"base_samples holds {len(base_samples['base_images'])} base images for {len(captions)} "
+                         "captions: expected the samples of an evaluation on the same captions and seeds")
     base, dpo = [], []
     for i in range(0, len(captions), batch_size):
-        b, d = generate_with_and_without_lora(pipe, captions[i:i + batch_size], seeds[i:i + batch_size],
-                                              steps=steps, guidance_scale=guidance_scale)
-        base.append(b)
+        chunk = (captions[i:i + batch_size], seeds[i:i + batch_size])
+        if base_samples is None:
+            b, d = generate_with_and_without_lora(pipe, *chunk, steps=steps, guidance_scale=guidance_scale)
+            base.append(b)
+        else:
+            d = generate(pipe, *chunk, steps=steps, guidance_scale=guidance_scale)
         dpo.append(d)
-    base, dpo = np.concatenate(base), np.concatenate(dpo)
-    return {"base_images": base, "dpo_images": dpo,
-            "base_scores": np.asarray(judge_score(base, captions), float),
-            "dpo_scores": np.asarray(judge_score(dpo, captions), float),
-            # a learned scorer such as PickScore has no notion of "correct": accuracy is then NaN
-            "base_correct": np.asarray(judge_correct(base, captions) if judge_correct else [np.nan], float),
+    dpo = np.concatenate(dpo)
+    if base_samples is not None:
+        base = base_samples["base_images"]
+        base_scores, base_correct = base_samples["base_scores"], base_samples["base_correct"]
+    else:
+        base = np.concatenate(base)
+        base_scores = np.asarray(judge_score(base, captions), float)
+        # a learned scorer such as PickScore has no notion of "correct": accuracy is then NaN
+        base_correct = np.asarray(judge_correct(base, captions) if judge_correct else [np.nan], float)
+    return {"base_images": base, "dpo_images": dpo, "base_scores": base_scores,
+            "dpo_scores": np.asarray(judge_score(dpo, captions), float), "base_correct": base_correct,
             "dpo_correct": np.asarray(judge_correct(dpo, captions) if judge_correct else [np.nan], float)}
 
 
@@ -173,16 +188,19 @@ def evaluate(pretrained: str, lora_dir: str | Path, captions: list[str], seeds: 
              judge_correct=None, test_data: str | None = None, test_split: str = "test", resolution: int = 32,
              steps: int = 25, guidance_scale: float = 7.5, num_draws: int = 8,
              device: str | torch.device | None = None, streaming: bool = False,
-             max_test_pairs: int | None = None, batch_size: int = 240) -> tuple[EvalResult, dict]:
+             max_test_pairs: int | None = None, batch_size: int = 240,
+             base_samples: dict | None = None) -> tuple[EvalResult, dict]:
     """Everything :class:`EvalResult` reports, plus the raw samples and scores (for plots).
 
     ``test_data`` (optional, with ``test_split``, ``streaming`` and ``max_test_pairs``): held-out pairs for
     the implicit-reward accuracy, loaded with :func:`dpo_tutorial.data.load_pickapic`. ``batch_size``
-    captions are sampled at once (keep it small for 512-px models on a GPU).
+    captions are sampled at once (keep it small for 512-px models on a GPU). ``base_samples``: the samples
+    an earlier call returned on the same base model, captions and seeds, whose base images are reused
+    (:func:`compare_samples`).
     """
     pipe, parts = load_with_lora(pretrained, lora_dir, device)
     samples = compare_samples(pipe, captions, seeds, judge_score, judge_correct, steps, guidance_scale,
-                              batch_size)
+                              batch_size, base_samples)
     rate, low, high = win_rate(samples["base_scores"], samples["dpo_scores"])
     implicit = float("nan")
     if test_data:

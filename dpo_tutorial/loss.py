@@ -150,6 +150,20 @@ def diffusion_dpo_loss(
     )
 
 
+def sft_loss(model_pred_w: torch.Tensor, target_w: torch.Tensor) -> DPOLossOutput:
+    r"""The paper's supervised baseline from the winners alone: :math:`\text{mean}_i \|\epsilon_\theta(x_{w,t}^i, t_i)
+    - \epsilon^i\|^2` over the ``(B, C, H, W)`` winner predictions and targets.
+
+    Equal to ``diffusion_dpo_loss(model_pred, None, target, loss_type="sft").loss`` on the full
+    winners-then-losers batch, without predicting the losers at all. Metrics that need the losers or a
+    reference (``model_diff``, ``ref_diff``, ``logits``, ``implicit_acc``, ``model_mse_l``,
+    ``raw_ref_loss``) are NaN: this loss never computes them; ``raw_model_loss`` is the winners' mean.
+    """
+    model_mse_w = per_sample_mse(model_pred_w, target_w)  # (B,)
+    unknown = torch.full_like(model_mse_w.detach(), float("nan"))  # (B,)
+    return DPOLossOutput(loss=model_mse_w.mean(), implicit_acc=unknown.mean(), model_diff=unknown,
+                         ref_diff=unknown, raw_model_loss=model_mse_w.detach().mean(), raw_ref_loss=unknown.mean(),
+                         logits=unknown, model_mse_w=model_mse_w.detach(), model_mse_l=unknown)
 
 
 def per_pair_weights(logits: torch.Tensor, loss_type: str = "sigmoid") -> torch.Tensor:

@@ -13,6 +13,9 @@ losers ``x_l``):
 4. the same for the reference (the UNet with its LoRA off, or a frozen copy), without gradients;
 5. :func:`~dpo_tutorial.loss.diffusion_dpo_loss` (Wallace et al., arXiv 2311.12908, Eq. 14).
 
+The paper's supervised baseline (``loss_type="sft"``) reads only the winners: one policy pass over the
+``B`` winner rows and no reference pass (:func:`~dpo_tutorial.loss.sft_loss`).
+
 :func:`dpo_step` does all five; the notebooks and :mod:`dpo_tutorial.analysis` call the pieces.
 """
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .loss import DPOLossOutput, diffusion_dpo_loss
+from .loss import DPOLossOutput, diffusion_dpo_loss, sft_loss
 from .models import (DiffusionParts, diffusion_target, encode_images, encode_prompts, reference_mode,
                      sdxl_time_ids)
 from .noise import shared_noise, shared_timesteps
@@ -39,6 +42,12 @@ class EncodedBatch:
     def num_pairs(self) -> int:
         """``B``: the number of preference pairs (half the rows)."""
         return self.latents.shape[0] // 2
+
+    def winners(self) -> "EncodedBatch":
+        """The first ``B`` rows of everything: the winners ``x_w`` and their captions."""
+        b = self.num_pairs
+        added = None if self.added_cond is None else {k: v[:b] for k, v in self.added_cond.items()}
+        return EncodedBatch(self.latents[:b], self.prompt_embeds[:b], added)
 
 
 def unet_forward(unet, noisy: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor,
@@ -108,7 +117,8 @@ def dpo_step(parts: DiffusionParts, unet, batch: dict, beta: float, loss_type: s
 
     ``unet`` is the policy (possibly wrapped by accelerate/DDP). The reference is ``ref_unet`` when
     given (full fine-tune), else the same UNet with its LoRA switched off. ``noise``/``timesteps``
-    override the random draw (tests hold them fixed).
+    override the random draw (tests hold them fixed). ``loss_type="sft"`` runs the policy on the ``B``
+    winners only (the losers' rows would get no gradient) and no reference: half a DPO step's policy work.
     """
     base = getattr(unet, "module", unet)
     param = next(p for p in base.parameters())
@@ -117,13 +127,15 @@ def dpo_step(parts: DiffusionParts, unet, batch: dict, beta: float, loss_type: s
         drawn_noise, drawn_t = draw_noise(parts, encoded, generator)
         noise = drawn_noise if noise is None else noise
         timesteps = drawn_t if timesteps is None else timesteps
+    if loss_type == "sft":
+        b = encoded.num_pairs
+        model_pred_w, target_w = noisy_prediction(parts, unet, encoded.winners(), noise[:b], timesteps[:b])
+        return sft_loss(model_pred_w, target_w)  # (B, C, h, w) each: the winners' rows only
     model_pred, target = noisy_prediction(parts, unet, encoded, noise, timesteps)
-    ref_pred = None
-    if loss_type != "sft":
-        with torch.no_grad():
-            if ref_unet is not None:
-                ref_pred, _ = noisy_prediction(parts, ref_unet, encoded, noise, timesteps)
-            else:
-                with reference_mode(base):
-                    ref_pred, _ = noisy_prediction(parts, base, encoded, noise, timesteps)
+    with torch.no_grad():
+        if ref_unet is not None:
+            ref_pred, _ = noisy_prediction(parts, ref_unet, encoded, noise, timesteps)
+        else:
+            with reference_mode(base):
+                ref_pred, _ = noisy_prediction(parts, base, encoded, noise, timesteps)
     return diffusion_dpo_loss(model_pred, ref_pred, target, beta=beta, loss_type=loss_type)

@@ -58,6 +58,25 @@ def test_evaluate_returns_well_formed_numbers(sd_dir, pairs_parquet, tmp_path):
     assert scored == 15 and result.implicit_acc == pytest.approx(acc)  # 12 good + 3 odd-format pairs; tie, corrupt out
     assert torch.is_grad_enabled()
 
+    # a second evaluation on the same captions and seeds reuses the base images and gives the same numbers
+    called = []
+    import dpo_tutorial.sample as sample
+
+    original = sample.generate_with_and_without_lora
+    sample.generate_with_and_without_lora = lambda *a, **k: called.append(1) or original(*a, **k)
+    try:
+        again, reused = evaluate(str(sd_dir), tmp_path, captions, list(range(8)), red, correct, steps=2,
+                                 base_samples=samples)
+    finally:
+        sample.generate_with_and_without_lora = original
+    assert not called  # the base images were not sampled again
+    assert reused["base_images"] is samples["base_images"]
+    np.testing.assert_array_equal(reused["dpo_images"], samples["dpo_images"])
+    assert (again.win_rate, again.base_accuracy, again.dpo_accuracy) == (result.win_rate, result.base_accuracy,
+                                                                         result.dpo_accuracy)
+    with pytest.raises(ValueError, match="base_samples holds 8 base images for 2 captions"):
+        evaluate(str(sd_dir), tmp_path, captions[:2], [0, 1], red, correct, steps=2, base_samples=samples)
+
 
 def _parts_with_lora(sd_dir, lora_dir):
     from dpo_tutorial.evaluate import load_with_lora

@@ -119,3 +119,17 @@ def test_bad_inputs_are_rejected_with_clear_errors():
     with pytest.raises(ValueError, match="needs ref_pred"):
         diffusion_dpo_loss(model, None, target)
     assert diffusion_dpo_loss(model, None, target, loss_type="sft").loss > 0
+
+
+def test_sft_loss_from_the_winners_equals_the_full_batch_sft_loss():
+    from dpo_tutorial.loss import sft_loss
+
+    g = torch.Generator().manual_seed(3)
+    model, target = torch.randn(8, 4, 4, 4, generator=g), torch.randn(8, 4, 4, 4, generator=g)  # (2B, ...), B = 4
+    full = diffusion_dpo_loss(model, None, target, loss_type="sft")
+    half = sft_loss(model[:4], target[:4])
+    assert half.loss.item() == full.loss.item()  # the same numbers, the same reduction
+    torch.testing.assert_close(half.model_mse_w, full.model_mse_w, rtol=0, atol=0)
+    assert half.raw_model_loss.item() == pytest.approx(full.model_mse_w.mean().item(), rel=1e-6)
+    for name in ("model_diff", "ref_diff", "logits", "model_mse_l", "implicit_acc", "raw_ref_loss"):
+        assert torch.isnan(getattr(half, name)).all(), name

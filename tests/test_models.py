@@ -99,3 +99,36 @@ def test_a_512_px_stand_in_has_sds_8x_latents(tmp_path):
     parts = load_parts(str(build_tiny_pipeline(tmp_path / "p", resolution=64, latent_factor=8)))
     assert parts.unet.config.sample_size == 8
     assert encode_images(parts.vae, torch.zeros(2, 3, 64, 64)).shape == (2, 4, 8, 8)
+
+
+@pytest.mark.parametrize("fixture", ["sd_dir", "sdxl_dir"])
+def test_sft_step_runs_the_policy_on_the_winners_only(fixture, request, pairs_parquet):
+    """The SFT baseline predicts the B winners once (no losers, no reference) and its loss is the
+    winners' MSE of a full 2B policy pass with the same noise and timesteps."""
+    from dpo_tutorial.loss import diffusion_dpo_loss
+    from dpo_tutorial.step import encode_batch, noisy_prediction
+
+    parts = load_parts(str(request.getfixturevalue(fixture)))
+    params = add_lora(parts.unet, rank=4, init_seed=0)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.05)  # a LoRA that changes the prediction, so a reference pass would differ
+    batch = next(iter(PairStream(load_pickapic(str(pairs_parquet)), PairTransform(32), batch_size=4, seed=0)))
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(4, 4, 16, 16, generator=g).repeat(2, 1, 1, 1)  # (2B, ...) shared per pair
+    timesteps = torch.tensor([100, 300, 500, 700]).repeat(2)
+    rows = []
+    hook = parts.unet.register_forward_hook(lambda module, args, output: rows.append(args[0].shape[0]))
+    out = dpo_step(parts, parts.unet, batch, beta=100.0, loss_type="sft", noise=noise, timesteps=timesteps,
+                   generator=torch.Generator().manual_seed(1))
+    hook.remove()
+    assert rows == [4]  # one pass over the 4 winners
+    encoded = encode_batch(parts, batch, torch.Generator().manual_seed(1), dtype=torch.float32)
+    with torch.no_grad():
+        full_pred, target = noisy_prediction(parts, parts.unet, encoded, noise, timesteps)  # (2B, ...)
+    expected = diffusion_dpo_loss(full_pred, None, target, loss_type="sft")
+    torch.testing.assert_close(out.loss.detach(), expected.loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out.model_mse_w, expected.model_mse_w, rtol=1e-5, atol=1e-7)
+    assert torch.isnan(out.model_mse_l).all() and torch.isnan(out.implicit_acc)  # never computed
+    out.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)  # it trains the LoRA

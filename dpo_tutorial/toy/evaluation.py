@@ -32,14 +32,16 @@ def heldout_prompts(per_caption: int = 40) -> tuple[list[str], list[int]]:
 
 
 def evaluate_toy(lora_dir: str | Path, per_caption: int = 40, pretrained: str | Path = PIPELINE_DIR,
-                 pairs_dir: str | Path = PAIRS_DIR, num_draws: int = 8):
+                 pairs_dir: str | Path = PAIRS_DIR, num_draws: int = 8, base_samples: dict | None = None):
     """Base vs DPO on held-out prompts and implicit-reward accuracy on the held-out ``test`` pairs.
 
-    Returns ``(EvalResult, samples)`` (see :func:`dpo_tutorial.evaluate.evaluate`).
+    Returns ``(EvalResult, samples)`` (see :func:`dpo_tutorial.evaluate.evaluate`). ``base_samples``: the
+    samples of an earlier call with the same ``per_caption`` (e.g. for a second LoRA): base images reused.
     """
     from ..evaluate import evaluate
 
     captions, seeds = heldout_prompts(per_caption)
     return evaluate(str(pretrained), lora_dir, captions, seeds, judge_score, judge_correct,
                     test_data=str(pairs_dir), test_split="test", resolution=world.SIZE,
-                    steps=SAMPLE_STEPS, guidance_scale=GUIDANCE_SCALE, num_draws=num_draws)
+                    steps=SAMPLE_STEPS, guidance_scale=GUIDANCE_SCALE, num_draws=num_draws,
+                    base_samples=base_samples)
