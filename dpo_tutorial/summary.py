@@ -44,7 +44,10 @@ def heldout_accuracy(parts, unet, config, num_draws: int = 4) -> dict:
 def format_summary(summary: dict) -> list[str]:
     """The closing lines ``dpo-tutorial train`` prints for a run's summary."""
     lines = []
-    if "tail_steps" in summary:
+    if "tail_steps" in summary and math.isnan(summary.get("implicit_acc", math.nan)):  # SFT: winners only
+        lines.append(f"last {summary['tail_steps']} steps (mean): loss {summary['loss']:.4f} (the winners' MSE: "
+                     "an SFT run has no reference, so no implicit reward)")
+    elif "tail_steps" in summary:
         lines.append(f"last {summary['tail_steps']} steps (mean): loss {summary['loss']:.4f} "
                      f"(log 2 = {math.log(2):.4f} at the start), implicit accuracy {summary['implicit_acc']:.3f}, "
                      f"reward margin {summary['reward_margin']:+.3f}")

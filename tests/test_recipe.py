@@ -37,6 +37,17 @@ def test_tail_means_average_the_last_tenth():
     assert lines[0].startswith("last 10 steps (mean): loss 95.5000") and "0.731 on 300 'validation'" in lines[1]
 
 
+def test_an_sft_run_logs_the_winners_mse_and_says_it_has_no_implicit_reward(sd_dir, pairs_parquet, tmp_path, capsys):
+    out = tmp_path / "sft"
+    assert main(["train", "--pretrained", str(sd_dir), "--dataset", str(pairs_parquet), "--output-dir", str(out),
+                 "--resolution", "32", "--batch-size", "4", "--max-steps", "3", "--lr", "1e-3", "--loss-type", "sft",
+                 "--rank", "4", "--no-sample-grid", "--heldout-split", ""]) == 0
+    printed = capsys.readouterr().out
+    assert "an SFT run has no reference, so no implicit reward" in printed and "nan" not in printed
+    records = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and all(math.isnan(r["implicit_acc"]) and math.isnan(r["model_mse_l"]) for r in records)
+    assert all(r["loss"] == r["model_mse_w"] > 0 for r in records)  # the loss is the winners' MSE
+
 def test_train_closes_with_averages_and_heldout_accuracy(sd_dir, pairs_parquet, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--pretrained", str(sd_dir), "--dataset", str(pairs_parquet), "--output-dir", str(out),
