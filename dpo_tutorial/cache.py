@@ -223,14 +223,9 @@ def source_files(config) -> list[list]:
             for f in local_parquet_files(Path(config.dataset).expanduser(), config.split)]
 
 
-def auto_cache_skip_reason(config, num_rows: int, latent_bytes: int, world_size: int = 1) -> str | None:
-    """Why a run should read images rather than build its own latent cache, or ``None`` when it should build one.
-
-    Worth it when the dataset is a local folder or file (not the Hub, not a stream), crops are centred, and
-    the run draws more pairs than the cache costs to build (``num_rows`` pairs, twice when ``random_flip``
-    encodes both orientations); possible when the cache (``latent_bytes`` per row) stays under
-    :data:`AUTO_CACHE_MAX_BYTES`.
-    """
+def settings_skip_reason(config) -> str | None:
+    """The part of :func:`auto_cache_skip_reason` the settings alone decide (no rows read): a cache folder is
+    given, ``cache_latents`` is off, the dataset is not a local folder or file, or crops are random."""
     from .hub import is_hub_id
 
     if config.cache:
@@ -241,6 +236,20 @@ def auto_cache_skip_reason(config, num_rows: int, latent_bytes: int, world_size:
         return "the dataset is not a local folder or file"
     if config.random_crop:
         return "random_crop needs the images (a cache stores center crops)"
+    return None
+
+
+def auto_cache_skip_reason(config, num_rows: int, latent_bytes: int, world_size: int = 1) -> str | None:
+    """Why a run should read images rather than build its own latent cache, or ``None`` when it should build one.
+
+    Worth it when the dataset is a local folder or file (not the Hub, not a stream), crops are centred, and
+    the run draws more pairs than the cache costs to build (``num_rows`` pairs, twice when ``random_flip``
+    encodes both orientations); possible when the cache (``latent_bytes`` per row) stays under
+    :data:`AUTO_CACHE_MAX_BYTES`.
+    """
+    reason = settings_skip_reason(config)
+    if reason:
+        return reason
     drawn = config.max_steps * config.batch_size * config.grad_accum * world_size
     flips = 2 if config.random_flip else 1
     if drawn <= flips * num_rows:
@@ -261,7 +270,7 @@ def auto_cache(config, parts, world_size: int = 1) -> Path | None:
     """The latent cache ``train`` reads from: ``<output_dir>/latent-cache``, built now with the run's own ``parts``
     (or reused when it was built for this model, resolution and unchanged source files), or ``None`` when
     :func:`auto_cache_skip_reason` says images are better. Same losses either way (``tests/test_cache.py``)."""
-    if config.cache or not config.cache_latents or config.streaming:
+    if settings_skip_reason(config):  # before reading any rows
         return None
     try:
         dataset = load_pickapic(config.dataset, config.split)

@@ -122,24 +122,16 @@ def compare_samples(pipe, captions: list[str], seeds: list[int], judge_score, ju
     if base_samples is not None and len(base_samples["base_images"]) != len(captions):
         raise ValueError(f"base_samples holds {len(base_samples['base_images'])} base images for {len(captions)} "
                          "captions: expected the samples of an evaluation on the same captions and seeds")
-    base, dpo = [], []
-    for i in range(0, len(captions), batch_size):
-        chunk = (captions[i:i + batch_size], seeds[i:i + batch_size])
-        if base_samples is None:
-            b, d = generate_with_and_without_lora(pipe, *chunk, steps=steps, guidance_scale=guidance_scale)
-            base.append(b)
-        else:
-            d = generate(pipe, *chunk, steps=steps, guidance_scale=guidance_scale)
-        dpo.append(d)
-    dpo = np.concatenate(dpo)
-    if base_samples is not None:
-        base = base_samples["base_images"]
-        base_scores, base_correct = base_samples["base_scores"], base_samples["base_correct"]
-    else:
-        base = np.concatenate(base)
+    chunks = [(captions[i:i + batch_size], seeds[i:i + batch_size]) for i in range(0, len(captions), batch_size)]
+    if base_samples is None:
+        both = [generate_with_and_without_lora(pipe, *c, steps=steps, guidance_scale=guidance_scale) for c in chunks]
+        base, dpo = np.concatenate([b for b, _ in both]), np.concatenate([d for _, d in both])
         base_scores = np.asarray(judge_score(base, captions), float)
         # a learned scorer such as PickScore has no notion of "correct": accuracy is then NaN
         base_correct = np.asarray(judge_correct(base, captions) if judge_correct else [np.nan], float)
+    else:
+        dpo = np.concatenate([generate(pipe, *c, steps=steps, guidance_scale=guidance_scale) for c in chunks])
+        base, base_scores, base_correct = (base_samples[k] for k in ("base_images", "base_scores", "base_correct"))
     return {"base_images": base, "dpo_images": dpo, "base_scores": base_scores,
             "dpo_scores": np.asarray(judge_score(dpo, captions), float), "base_correct": base_correct,
             "dpo_correct": np.asarray(judge_correct(dpo, captions) if judge_correct else [np.nan], float)}

@@ -68,6 +68,7 @@ def measure_shift(lora_dir: str | Path, taste: Taste | str, per_caption: int = 2
                       win_rate(s["base_scores"], s["dpo_scores"]), float(s["base_correct"].mean()),
                       float(s["dpo_correct"].mean()))
 
+
 def train_on_labels(label_dir: str | Path, output_dir: str | Path, seed: int = 0, **overrides):
     """``(history, config)`` of a fresh :func:`taste_config` run on the labels in ``label_dir``.
 
