@@ -108,7 +108,8 @@ def _prepare_model(parts: DiffusionParts, config: TrainConfig, weight_dtype: tor
             module.to(dtype=weight_dtype)
     ref_unet = None
     if config.full_finetune:
-        ref_unet = frozen_copy(unet).to(dtype=weight_dtype)
+        if config.loss_type != "sft":  # SFT never runs a reference: no second UNet in memory
+            ref_unet = frozen_copy(unet).to(dtype=weight_dtype)
         unet.requires_grad_(True)
         params = list(unet.parameters())
     else:

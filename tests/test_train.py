@@ -135,6 +135,15 @@ def test_cli_train_runs_and_reports(sd_dir, pairs_parquet, tmp_path, capsys):
     assert main(resume + same) == 0 and History.load(tmp_path).records[-1]["step"] == 3
 
 
+def test_full_finetune_sft_keeps_no_reference_copy(sd_dir, pairs_parquet, tmp_path):
+    """SFT never runs a reference, so a full fine-tune with it holds one UNet, not two; DPO holds the copy."""
+    from dpo_tutorial.train import setup_run
+
+    sft = setup_run(config(sd_dir, pairs_parquet, tmp_path / "sft", max_steps=1, full_finetune=True, loss_type="sft",
+                           sample_grid=False))
+    dpo = setup_run(config(sd_dir, pairs_parquet, tmp_path / "dpo", max_steps=1, full_finetune=True, sample_grid=False))
+    assert sft.ref_unet is None and dpo.ref_unet is not None
+
 def test_full_finetune_with_frozen_reference_and_gradient_checkpointing(sd_dir, pairs_parquet, tmp_path):
     """The paper's setting: the whole UNet trains against a frozen copy; the export is a UNet folder."""
     from diffusers import UNet2DConditionModel
