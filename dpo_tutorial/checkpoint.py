@@ -4,6 +4,8 @@ A checkpoint is a folder ``checkpoint-<step>`` holding the trainable weights (sa
 optimizer and lr-scheduler states, every RNG state and the data stream position. It is written under
 a temporary name and renamed into place only when complete, so a run killed at any moment leaves the
 latest *complete* checkpoint loadable; half-written ``.tmp-*`` folders are ignored and cleaned up.
+Deleting works the same way backwards (:func:`remove_folder`): a folder is renamed out of sight first,
+then deleted, so a kill during pruning never leaves a half-deleted ``checkpoint-<step>`` that looks whole.
 """
 from __future__ import annotations
 
@@ -27,6 +29,23 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 class CheckpointError(ConfigError):
     """A checkpoint folder is incomplete, corrupt, unsafe or made for another model; the message names it."""
+
+
+def remove_folder(path: str | Path) -> None:
+    """Delete ``path`` so that no half-deleted folder is ever visible under its name.
+
+    The folder is first renamed (one atomic step) to ``.trash-<name>-<pid>`` beside it, then deleted; a
+    run killed during the delete leaves only that hidden name, which :func:`clean_partial` removes later.
+    ``shutil.rmtree`` alone deletes file by file, so a kill midway left e.g. ``checkpoint-2/state.json``
+    without its weights: a folder :func:`list_checkpoints` would report as complete.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -127,11 +146,10 @@ def save_checkpoint(output_dir: str | Path, step: int, *, trainable: dict[str, t
         for f in tmp.iterdir():  # make the bytes durable before the folder becomes visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if final.exists():
-            shutil.rmtree(final)
+        remove_folder(final)
         os.replace(tmp, final)
         for old in list_checkpoints(root)[: -limit if limit else 0]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_folder(old)
     barrier()
     return final
 
@@ -204,13 +222,14 @@ def remove_after(output_dir: str | Path, step: int) -> list[Path]:
     """Delete the checkpoints newer than ``step`` (an abandoned timeline); return what was removed."""
     newer = [p for p in list_checkpoints(output_dir) if int(_NAME.match(p.name).group(1)) > step]
     for p in newer:
-        shutil.rmtree(p, ignore_errors=True)
+        remove_folder(p)
     return newer
 
 
 def clean_partial(output_dir: str | Path) -> None:
-    """Remove half-written temporary checkpoint folders left by a killed run."""
+    """Remove the half-written (``.tmp-checkpoint-*``) and half-deleted (``.trash-*``) folders a killed run left."""
     root = Path(output_dir)
     if root.is_dir():
-        for p in root.glob(".tmp-checkpoint-*"):  # only the main process calls this, before training
-            shutil.rmtree(p, ignore_errors=True)
+        for pattern in (".tmp-checkpoint-*", ".trash-*"):  # only the main process calls this, before training
+            for p in root.glob(pattern):
+                shutil.rmtree(p, ignore_errors=True)

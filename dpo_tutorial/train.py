@@ -466,7 +466,7 @@ def _finish(unet, parts: DiffusionParts, config: TrainConfig, history: History, 
     if config.full_finetune:
         shutil.rmtree(out / ".tmp-unet", ignore_errors=True)
         unet.save_pretrained(out / ".tmp-unet")
-        shutil.rmtree(out / "unet", ignore_errors=True)
+        ckpt.remove_folder(out / "unet")
         os.replace(out / ".tmp-unet", out / "unet")
     else:
         history.lora_path = str(export_lora(unet, out, parts.is_sdxl))

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,6 +65,44 @@ def test_interrupted_save_leaves_previous_checkpoint(sd_dir, pairs_parquet, tmp_
     resumed = train(base_config(sd_dir, pairs_parquet, tmp_path, max_steps=3, resume="latest"))
     assert [r["step"] for r in resumed.records] == [1, 2, 3]
     assert not list(tmp_path.glob(".tmp-checkpoint-*"))
+
+
+def _save_tiny(output_dir, step, limit=None):
+    layer = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    return ckpt.save_checkpoint(output_dir, step, trainable=dict(layer.named_parameters()), optimizer=optimizer,
+                                lr_scheduler=scheduler, generator=torch.Generator(), data_state={}, extra={},
+                                limit=limit)
+
+
+def _killed_after_one_file(path, ignore_errors=False):
+    """Stands in for shutil.rmtree in a process killed after deleting the first file of a folder."""
+    path = Path(path)
+    if path.exists():
+        sorted(path.iterdir())[0].unlink()
+        raise KeyboardInterrupt("killed while deleting")
+
+
+@pytest.mark.parametrize("kill_during", ["pruning", "dropping newer checkpoints"])
+def test_a_kill_while_deleting_never_leaves_a_half_deleted_checkpoint(tmp_path, monkeypatch, kill_during):
+    """Regression: pruning used rmtree in place, so a SIGKILL mid-delete left checkpoint-N without its weights."""
+    for step in (1, 2):
+        _save_tiny(tmp_path, step)
+    monkeypatch.setattr(ckpt.shutil, "rmtree", _killed_after_one_file)
+    with pytest.raises(KeyboardInterrupt):
+        if kill_during == "pruning":
+            _save_tiny(tmp_path, 3, limit=2)
+        else:
+            ckpt.remove_after(tmp_path, 1)
+    monkeypatch.undo()
+    found = ckpt.list_checkpoints(tmp_path)
+    assert [p.name for p in found] == (["checkpoint-2", "checkpoint-3"] if kill_during == "pruning"
+                                       else ["checkpoint-1"])
+    for path in found:
+        _assert_complete(path)
+    ckpt.clean_partial(tmp_path)  # the hidden half-deleted folder goes at the next start
+    assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in found]
 
 
 def _assert_complete(path):
