@@ -14,6 +14,7 @@ mounted Google Drive folder, so that a recycled Colab VM resumes where it stoppe
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 
 def fast_mode() -> bool:
@@ -93,14 +94,42 @@ def notebook_dtype(device):
 def runs_folder(output_dir: str) -> str:
     """``output_dir`` moved under ``DPO_TUTORIAL_RUNS`` when that is set and the path is relative
     (``runs/sd15`` -> ``$DPO_TUTORIAL_RUNS/sd15``); otherwise unchanged."""
-    from pathlib import Path
-
     root = os.environ.get(RUNS_ENV, "").strip()
     path = Path(output_dir)
     if not root or path.is_absolute():
         return output_dir
     parts = path.parts[1:] if path.parts[:1] == ("runs",) else path.parts
     return str(Path(root).expanduser().joinpath(*parts))
+
+
+def checkout_root(start: str | None = None):
+    """The dpo-tutorial source checkout holding ``start`` (default: the working directory), or None.
+
+    It is the nearest of ``start`` and its parents with both ``pyproject.toml`` and ``dpo_tutorial/``, the
+    rule the notebooks' setup cell uses to find a checkout to install from.
+    """
+    here = Path(start or os.getcwd()).resolve()
+    return next((p for p in (here, *here.parents)
+                 if (p / "pyproject.toml").is_file() and (p / "dpo_tutorial").is_dir()), None)
+
+
+def toy_run_dir(name: str = "toy") -> str:
+    """The folder of the notebooks' shared toy run ``name`` (``toy``: DPO, ``toy-sft``: the SFT baseline).
+
+    In full mode the DPO run *is* the main job's: ``runs/toy`` at the checkout's root, where ``make train``
+    (the README's first command, the toy preset's ``output_dir``) puts it, so a learner who ran it waits
+    for no training in the notebooks (:func:`dpo_tutorial.rerun.train_or_reuse` reuses a finished run of
+    the same settings, and trains one that is missing, into the same place ``make train`` would reuse).
+    Under ``DPO_TUTORIAL_RUNS`` it is ``$DPO_TUTORIAL_RUNS/<name>``; outside a checkout ``runs/<name>``.
+    In fast mode it is ``runs/notebook-<name>-fast`` beside the notebooks, so a CI-sized run never takes
+    the main job's folder.
+    """
+    if fast_mode():
+        return runs_folder(f"runs/notebook-{name}-fast")
+    root = checkout_root()
+    if root is None or os.environ.get(RUNS_ENV, "").strip():
+        return runs_folder(f"runs/{name}")
+    return str(root / "runs" / name)
 
 
 def notebook_config(**fields):

@@ -4,7 +4,8 @@ import torch
 
 from dpo_tutorial.device_guard import GuardDevice
 from dpo_tutorial.evaluate import eval_batch_pairs
-from dpo_tutorial.notebook_env import notebook_config, notebook_device, notebook_dtype, runs_folder
+from dpo_tutorial.notebook_env import (checkout_root, notebook_config, notebook_device, notebook_dtype, runs_folder,
+                                      toy_run_dir)
 
 
 def test_device_is_cpu_here_and_dtype_halves_only_on_a_gpu():
@@ -22,6 +23,56 @@ def test_runs_folder_moves_relative_runs_under_dpo_tutorial_runs(monkeypatch, tm
     assert runs_folder("/abs/run") == "/abs/run"
     monkeypatch.setenv("DPO_TUTORIAL_PRESET", "toy")
     assert notebook_config().output_dir == str(tmp_path / "drive" / "toy")
+
+
+def _fake_checkout(tmp_path):
+    root = tmp_path / "repo"
+    (root / "dpo_tutorial").mkdir(parents=True)
+    (root / "notebooks").mkdir()
+    (root / "pyproject.toml").write_text("[project]\nname = 'dpo-tutorial'\n")
+    return root
+
+
+def test_the_shared_toy_run_is_the_main_jobs_folder_in_full_mode_only(monkeypatch, tmp_path):
+    root = _fake_checkout(tmp_path)
+    monkeypatch.chdir(root / "notebooks")
+    for name in ("DPO_TUTORIAL_RUNS", "DPO_TUTORIAL_FAST"):
+        monkeypatch.delenv(name, raising=False)
+    assert checkout_root() == root.resolve()
+    assert toy_run_dir() == str(root.resolve() / "runs" / "toy")  # where `make train` (run at the root) writes
+    assert toy_run_dir("toy-sft") == str(root.resolve() / "runs" / "toy-sft")
+    monkeypatch.setenv("DPO_TUTORIAL_FAST", "1")  # a 30-step CI run must never take the main job's folder
+    assert toy_run_dir() == "runs/notebook-toy-fast"
+    monkeypatch.delenv("DPO_TUTORIAL_FAST")
+    monkeypatch.setenv("DPO_TUTORIAL_RUNS", str(tmp_path / "drive"))
+    assert toy_run_dir() == str(tmp_path / "drive" / "toy")
+    monkeypatch.delenv("DPO_TUTORIAL_RUNS")
+    elsewhere = tmp_path / "colab"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert checkout_root() is None and toy_run_dir() == "runs/toy"
+
+
+def test_make_trains_run_is_the_notebooks_shared_run(monkeypatch, tmp_path):
+    """`make train` (the CLI with no flags, run at the checkout's root) and the notebooks' shared toy run have
+    the same settings and folder, so a finished `make train` run is reused by 03/04/06/07, not retrained."""
+    from dpo_tutorial import get_preset
+    from dpo_tutorial.cli import build_parser, config_from_args
+    from dpo_tutorial.rerun import SAME_RUN_MAY_CHANGE
+    from dpo_tutorial.run_dir import config_differences
+
+    root = _fake_checkout(tmp_path)
+    for name in ("DPO_TUTORIAL_RUNS", "DPO_TUTORIAL_FAST", "DPO_TUTORIAL_OVERRIDES", "DPO_TUTORIAL_PRESET"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(root)
+    cli = config_from_args(build_parser().parse_args(["train", "--evaluate"]))
+    saved = {**cli.to_dict(), "output_dir": str(root / cli.output_dir)}  # what its config.json holds, resolved
+    monkeypatch.chdir(root / "notebooks")
+    notebook = notebook_config(output_dir=toy_run_dir(), sample_grid=False)  # as notebooks 03 and 04 build it
+    assert notebook.output_dir == saved["output_dir"]
+    assert config_differences(saved, notebook, SAME_RUN_MAY_CHANGE) == []
+    assert config_differences(saved, get_preset("toy", output_dir=toy_run_dir(), sample_grid=False),
+                              SAME_RUN_MAY_CHANGE) == []  # as notebook 07 and the solutions build it
 
 
 def test_eval_batch_fits_a_t4_at_512_px_and_keeps_the_toy_at_64():
