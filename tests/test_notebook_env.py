@@ -5,7 +5,7 @@ import torch
 from dpo_tutorial.device_guard import GuardDevice
 from dpo_tutorial.evaluate import eval_batch_pairs
 from dpo_tutorial.notebook_env import (checkout_root, notebook_config, notebook_device, notebook_dtype, runs_folder,
-                                      toy_run_dir)
+                                      shared_toy_config, toy_run_dir)
 
 
 def test_device_is_cpu_here_and_dtype_halves_only_on_a_gpu():
@@ -56,7 +56,6 @@ def test_the_shared_toy_run_is_the_main_jobs_folder_in_full_mode_only(monkeypatc
 def test_make_trains_run_is_the_notebooks_shared_run(monkeypatch, tmp_path):
     """`make train` (the CLI with no flags, run at the checkout's root) and the notebooks' shared toy run have
     the same settings and folder, so a finished `make train` run is reused by 03/04/06/07, not retrained."""
-    from dpo_tutorial import get_preset
     from dpo_tutorial.cli import build_parser, config_from_args
     from dpo_tutorial.rerun import SAME_RUN_MAY_CHANGE
     from dpo_tutorial.run_dir import config_differences
@@ -68,11 +67,14 @@ def test_make_trains_run_is_the_notebooks_shared_run(monkeypatch, tmp_path):
     cli = config_from_args(build_parser().parse_args(["train", "--evaluate"]))
     saved = {**cli.to_dict(), "output_dir": str(root / cli.output_dir)}  # what its config.json holds, resolved
     monkeypatch.chdir(root / "notebooks")
-    notebook = notebook_config(output_dir=toy_run_dir(), sample_grid=False)  # as notebooks 03 and 04 build it
-    assert notebook.output_dir == saved["output_dir"]
+    notebook = shared_toy_config()  # as notebooks 03, 04, 06, 07 and the solutions build it
+    assert notebook.output_dir == saved["output_dir"] and notebook.max_steps == cli.max_steps
     assert config_differences(saved, notebook, SAME_RUN_MAY_CHANGE) == []
-    assert config_differences(saved, get_preset("toy", output_dir=toy_run_dir(), sample_grid=False),
-                              SAME_RUN_MAY_CHANGE) == []  # as notebook 07 and the solutions build it
+    monkeypatch.setenv("DPO_TUTORIAL_FAST", "1")  # CI's short run: its own folder, 30 steps, a 64-pair check
+    fast = shared_toy_config()
+    assert (fast.output_dir, fast.max_steps, fast.heldout_pairs) == ("runs/notebook-toy-fast", 30, 64)
+    assert fast.replace(max_steps=cli.max_steps, heldout_pairs=cli.heldout_pairs, sample_grid=True,
+                        output_dir=cli.output_dir) == cli
 
 
 def test_eval_batch_fits_a_t4_at_512_px_and_keeps_the_toy_at_64():

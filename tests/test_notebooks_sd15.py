@@ -62,9 +62,15 @@ def test_notebook_runs_its_sd15_cells_on_standins(path, sd15_env, monkeypatch, t
 
     for key, value in sd15_env.items():
         monkeypatch.setenv(key, value)  # the kernel inherits this process's environment
+    if path.stem == "07_evaluate":
+        # a learner who opens 07 first has no LoRA from notebook 06 in runs/sd15: 07 trains a short one itself
+        # (that branch once raised NameError: `train` was never imported, hidden while 06 ran first here)
+        overrides = {**json.loads(sd15_env["DPO_TUTORIAL_OVERRIDES"]), "output_dir": str(tmp_path / "runs" / "sd15")}
+        monkeypatch.setenv("DPO_TUTORIAL_OVERRIDES", json.dumps(overrides))
     nb = nbformat.read(str(path), as_version=4)
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     printed = _text_outputs(nb)
     assert "preset: sd15" in printed and "| device: cpu" in printed
     if path.stem == "07_evaluate":  # the PickScore comparison ran and printed its numbers
         assert "SD 1.5 on 4 prompts: mean PickScore" in printed and "nan" not in printed.split("SD 1.5 on")[1]
+        assert not (tmp_path / "runs" / "sd15").exists()  # its short run went to a temporary folder, not runs/sd15

@@ -82,15 +82,18 @@ def test_shipped_pairs_pass_the_core_loader_with_their_tie_count(split):
 
 
 def test_short_toy_training_beats_chance_on_heldout_pairs(tmp_path):
-    from dpo_tutorial.data import load_pickapic
-    from dpo_tutorial.evaluate import implicit_reward_accuracy, load_with_lora
+    """40 steps at a constant lr already rank held-out pairs better than chance: the run's own closing
+    measurement (implicit-reward accuracy, LoRA on vs off, 4 draws) on the 297 non-tie ``validation`` pairs
+    it never trained on. Measured (AMD EPYC, 2 threads): 0.640 for seed 0 (0.603 and 0.579 for seeds 1, 2);
+    chance is 0.5 +- 0.029 (one standard error). The preset's cosine schedule would spend 50 of 60 steps
+    warming up (0.555 at 60 steps, too close to the bar), hence the constant lr here."""
     from dpo_tutorial.train import train
 
-    cfg = get_preset("toy", max_steps=60, output_dir=str(tmp_path), sample_grid=False, checkpoint_every=0)
-    train(cfg)
-    _, parts = load_with_lora(cfg.pretrained, tmp_path)
-    acc = implicit_reward_accuracy(parts, parts.unet, load_pickapic(cfg.dataset, "test"), 32, num_draws=4)
-    assert acc > 0.55
+    cfg = get_preset("toy", max_steps=40, lr_scheduler="constant", lr_warmup_steps=0, output_dir=str(tmp_path),
+                     sample_grid=False, checkpoint_every=0)
+    assert cfg.heldout_split == "validation"
+    summary = train(cfg).summary
+    assert summary["heldout_pairs"] == 297 and summary["heldout_implicit_acc"] > 0.55, summary
 
 
 def test_evaluate_toy_small_sample(tmp_path, capsys):
