@@ -132,21 +132,19 @@ def toy_run_dir(name: str = "toy") -> str:
     return str(root / "runs" / name)
 
 
-def shared_toy_config(**fields):
+def shared_toy_config():
     """The one config of the notebooks' shared toy run (03, 04, 06, 07 and the solutions all build it here).
 
     The toy preset (with ``DPO_TUTORIAL_OVERRIDES`` when the notebooks run the toy preset), in
     :func:`toy_run_dir`, without the closing sample grid: the settings of ``make train``'s run, which it
     therefore reuses. Fast mode: 30 steps, and the closing held-out check on 64 pairs (else up to 300: all 297).
-    ``fields`` change it further.
     """
     from .config import get_preset
 
     overrides = notebook_overrides() if notebook_preset() == "toy" else {}
     config = get_preset("toy", **overrides)
-    config = config.replace(max_steps=budget(config.max_steps, 30), output_dir=toy_run_dir(), sample_grid=False,
-                            heldout_pairs=budget(config.heldout_pairs, 64))
-    return config.replace(**fields) if fields else config
+    return config.replace(max_steps=budget(config.max_steps, 30), output_dir=toy_run_dir(), sample_grid=False,
+                          heldout_pairs=budget(config.heldout_pairs, 64))
 
 
 def notebook_config(**fields):
