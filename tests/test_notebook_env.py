@@ -65,7 +65,7 @@ def test_make_trains_run_is_the_notebooks_shared_run(monkeypatch, tmp_path):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(root)
     cli = config_from_args(build_parser().parse_args(["train", "--evaluate"]))
-    saved = {**cli.to_dict(), "output_dir": str(root / cli.output_dir)}  # what its config.json holds, resolved
+    saved = {**cli.to_dict(), "output_dir": str(root.resolve() / cli.output_dir)}  # its config.json, path resolved
     monkeypatch.chdir(root / "notebooks")
     notebook = shared_toy_config()  # as notebooks 03, 04, 06, 07 and the solutions build it
     assert notebook.output_dir == saved["output_dir"] and notebook.max_steps == cli.max_steps
