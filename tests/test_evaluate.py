@@ -32,7 +32,7 @@ def test_implicit_accuracy_is_exactly_half_at_lora_init(sd_dir, pairs_parquet):
     assert acc == 0.5
 
 
-def test_evaluate_returns_well_formed_numbers(sd_dir, pairs_parquet, tmp_path):
+def test_evaluate_returns_well_formed_numbers(sd_dir, pairs_parquet, tmp_path, monkeypatch):
     train(TrainConfig(pretrained=str(sd_dir), dataset=str(pairs_parquet), output_dir=str(tmp_path), resolution=32,
                       batch_size=4, max_steps=3, lr=5e-2, rank=4, sample_grid=False))
     red = lambda imgs, caps: np.asarray(imgs, float)[..., 0].mean(axis=(1, 2))  # noqa: E731  "redness" judge
@@ -63,12 +63,10 @@ def test_evaluate_returns_well_formed_numbers(sd_dir, pairs_parquet, tmp_path):
     import dpo_tutorial.sample as sample
 
     original = sample.generate_with_and_without_lora
-    sample.generate_with_and_without_lora = lambda *a, **k: called.append(1) or original(*a, **k)
-    try:
-        again, reused = evaluate(str(sd_dir), tmp_path, captions, list(range(8)), red, correct, steps=2,
-                                 base_samples=samples)
-    finally:
-        sample.generate_with_and_without_lora = original
+    monkeypatch.setattr(sample, "generate_with_and_without_lora", lambda *a, **k: called.append(1) or original(*a, **k))
+    again, reused = evaluate(str(sd_dir), tmp_path, captions, list(range(8)), red, correct, steps=2,
+                             base_samples=samples)
+    monkeypatch.undo()
     assert not called  # the base images were not sampled again
     assert reused["base_images"] is samples["base_images"]
     np.testing.assert_array_equal(reused["dpo_images"], samples["dpo_images"])

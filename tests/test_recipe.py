@@ -48,6 +48,7 @@ def test_an_sft_run_logs_the_winners_mse_and_says_it_has_no_implicit_reward(sd_d
     assert len(records) == 3 and all(math.isnan(r["implicit_acc"]) and math.isnan(r["model_mse_l"]) for r in records)
     assert all(r["loss"] == r["model_mse_w"] > 0 for r in records)  # the loss is the winners' MSE
 
+
 def test_train_closes_with_averages_and_heldout_accuracy(sd_dir, pairs_parquet, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--pretrained", str(sd_dir), "--dataset", str(pairs_parquet), "--output-dir", str(out),

@@ -144,6 +144,7 @@ def test_full_finetune_sft_keeps_no_reference_copy(sd_dir, pairs_parquet, tmp_pa
     dpo = setup_run(config(sd_dir, pairs_parquet, tmp_path / "dpo", max_steps=1, full_finetune=True, sample_grid=False))
     assert sft.ref_unet is None and dpo.ref_unet is not None
 
+
 def test_full_finetune_with_frozen_reference_and_gradient_checkpointing(sd_dir, pairs_parquet, tmp_path):
     """The paper's setting: the whole UNet trains against a frozen copy; the export is a UNet folder."""
     from diffusers import UNet2DConditionModel
