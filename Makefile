@@ -2,8 +2,9 @@
 #   make train   install the package and train the offline toy default (CPU, minutes)
 #   make test    install the test extras and run every test, notebooks included
 # and the notebook ones:
-#   make notebooks   open the notebooks in JupyterLab
-#   make docs        execute every notebook (fast mode) into docs/notebooks/*.html
+#   make notebooks   install Jupyter and open the notebooks in JupyterLab (works straight after make train)
+#   make executed    run every notebook top to bottom in full mode and save it with its outputs (what is committed)
+#   make figures     regenerate figures/
 #
 # Which Python: PYTHON=... when given. Otherwise an active virtualenv's python3; else the project venv
 # .venv/ when it exists, or when python3 is "externally managed" (PEP 668: Debian 12, Ubuntu 24.04 refuse
@@ -40,7 +41,7 @@ FAST ?= 1
 # JupyterLab refuses to start as root without --allow-root
 JUPYTER_ROOT := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root)
 
-.PHONY: python install-torch install install-dev train test floors figures notebooks docs
+.PHONY: python install-torch install install-dev install-notebooks train test floors figures notebooks executed
 
 # creates .venv/ only when PYTHON is the project venv (see above)
 python: $(filter $(VENV_PYTHON),$(PYTHON))
@@ -56,7 +57,10 @@ install: install-torch
 	$(PIP) install -e .
 
 install-dev: install-torch
-	$(PIP) install -e ".[dev,notebooks]"
+	$(PIP) install -e ".[dev]"
+
+install-notebooks: install-torch
+	$(PIP) install -e ".[notebooks]"
 
 train: install
 	$(CLI) train --evaluate $(ARGS)
@@ -72,10 +76,9 @@ floors:
 figures: install
 	$(CLI) figures
 
-notebooks: install
+notebooks: install-notebooks
 	$(PYTHON) -m jupyter lab $(JUPYTER_ROOT) notebooks/
 
-docs: install
-	mkdir -p docs/notebooks
-	DPO_TUTORIAL_FAST=$(FAST) $(PYTHON) -m jupyter nbconvert --execute --to html --ExecutePreprocessor.timeout=600 \
-	    --output-dir docs/notebooks notebooks/*.ipynb
+# the notebooks as committed: each executed in a fresh kernel, full mode, outputs saved (reuses runs/toy from make train)
+executed: install-dev
+	$(PYTHON) scripts/execute_notebooks.py

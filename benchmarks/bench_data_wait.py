@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512, help="JPEG size in pixels")
     args = parser.parse_args()
 
-    from dpo_tutorial.fixtures import build_tiny_pipeline
+    from dpo_tutorial.testing.fixtures import build_tiny_pipeline
 
     root = Path(tempfile.mkdtemp(prefix="bench-data-wait-"))
     pipeline = build_tiny_pipeline(root / "pipe", resolution=512, latent_factor=8)

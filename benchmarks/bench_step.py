@@ -90,9 +90,11 @@ def run_variant(args) -> dict:
     from dpo_tutorial.data import PairStream, PairTransform, load_pickapic
     from dpo_tutorial.models import add_lora, load_parts
     from dpo_tutorial.step import dpo_step
-    from dpo_tutorial.train import apply_speed_options, make_optimizer, make_stream, set_threads
+    from dpo_tutorial.models import apply_speed_options
+    from dpo_tutorial.threads import use_threads
+    from dpo_tutorial.train import make_optimizer, make_stream
 
-    set_threads(args.threads)  # only when the count changes (a same-count call costs MKL its dynamic threading)
+    use_threads(args.threads)  # only when the count changes (a same-count call costs MKL its dynamic threading)
     project = args.variant.startswith("project")
     config = _config(args).replace(cache=args.cache if project else None, lr=1e-4,
                                    compile_unet=args.variant == "project+compile")

@@ -24,7 +24,7 @@ installed?" checks still say no), then puts the folder on ``sys.path`` and runs 
 ``__main__``. The script's default tracker (tensorboard) is not installed here; accelerate drops it.
 
 Works (``--work``):
-  ``48px``: a random 48-px v-prediction SD pipeline (``dpo_tutorial.fixtures``), 256 clean pairs, batch 16,
+  ``48px``: a random 48-px v-prediction SD pipeline (``dpo_tutorial.testing.fixtures``), 256 clean pairs, batch 16,
            1 thread, lr 1e-5, beta 5000 (the script's beta_dpo 2500), no flips; steps 20 and 180;
   ``toy``:   the shipped toy pipeline and pairs with the toy preset's settings mapped onto the script's flags
            (batch 32, lr 5e-3 cosine with 50 warm-up steps, beta 250, rank 8, flips), 2 threads; steps 200
@@ -182,7 +182,7 @@ def make_work(name: str, folder: Path) -> tuple[str, str]:
 
     if name == "toy":
         return str(toy.PIPELINE_DIR), str(toy.PAIRS_DIR)
-    from dpo_tutorial.fixtures import build_tiny_pipeline
+    from dpo_tutorial.testing.fixtures import build_tiny_pipeline
 
     spec = WORKS[name]
     pipeline = build_tiny_pipeline(folder / "pipeline", prediction_type="v_prediction", resolution=spec["resolution"],

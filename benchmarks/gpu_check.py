@@ -27,7 +27,7 @@ def build_sd15_shaped(out: Path) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from dpo_tutorial.fixtures import WORDS
+    from dpo_tutorial.testing.fixtures import WORDS
     from dpo_tutorial.tokenizer import build_clip_tokenizer
 
     tok = build_clip_tokenizer(WORDS, out / "tokenizer", model_max_length=77)
@@ -76,7 +76,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_data_wait import write_pairs
 
-    from dpo_tutorial.fixtures import build_tiny_pickscore
+    from dpo_tutorial.testing.fixtures import build_tiny_pickscore
 
     out = Path(args.out)
     work = out / "work"

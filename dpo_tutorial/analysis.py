@@ -1,15 +1,22 @@
-"""Measurements the notebooks show: which sharing of ε and t buys what, errors by noise level, per-pair errors,
-the first optimizer steps of a fresh run."""
+"""Measurements the notebooks show: which sharing of ε and t buys what, errors by noise level, per-pair errors.
+(The first optimizer steps of a fresh run are measured by :func:`dpo_tutorial.train.first_steps`.)"""
 from __future__ import annotations
 
 import torch
 
-from .loss import per_sample_mse, split_pairs
+from .loss import pair_mse, per_sample_mse
 from .models import DiffusionParts, reference_mode
-from .step import draw_noise, encode_batch, noisy_prediction
+from .step import EncodedBatch, draw_noise, encode_batch, noisy_prediction
 
 
 SHARING = {"t and ε": (True, True), "t only": (False, True), "ε only": (True, False), "neither": (False, False)}
+
+
+def seeded_encoding(parts: DiffusionParts, batch: dict, seed: int) -> tuple[torch.Generator, EncodedBatch]:
+    """A generator seeded with ``seed`` on the models' device and the batch encoded with it (latents
+    ``(2B, C, h, w)``, embeddings ``(2B, L, D)``): the start of every measurement here, so each is reproducible."""
+    g = torch.Generator(parts.vae.device).manual_seed(seed)
+    return g, encode_batch(parts, batch, g)
 
 
 @torch.no_grad()
@@ -21,8 +28,7 @@ def model_diff_draws(parts: DiffusionParts, unet, batch: dict, num_draws: int, s
     shares both, :data:`SHARING` names the four combinations); otherwise each image draws its own. The
     latents are encoded once; the target is the model's own (ε or v), as in training.
     """
-    g = torch.Generator(parts.vae.device).manual_seed(seed)
-    encoded = encode_batch(parts, batch, g)  # latents (2B, C, h, w), embeddings (2B, L, D)
+    g, encoded = seeded_encoding(parts, batch, seed)
     steps = parts.noise_scheduler.config.num_train_timesteps
     latents = encoded.latents
     out = []
@@ -32,10 +38,68 @@ def model_diff_draws(parts: DiffusionParts, unet, batch: dict, num_draws: int, s
             noise = torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype)
         if not share_timesteps:
             t = torch.randint(0, steps, (latents.shape[0],), generator=g, device=latents.device)
-        pred, target = noisy_prediction(parts, unet, encoded, noise, t)
-        mse_w, mse_l = split_pairs(per_sample_mse(pred, target))
+        mse_w, mse_l = pair_mse(*noisy_prediction(parts, unet, encoded, noise, t))
         out.append(mse_w - mse_l)
     return torch.stack(out)  # (num_draws, B)
+
+
+# How the one-draw estimate of a pair's logit draws its noise and timesteps. ``pair``: winner and loser share ε and t
+# (the repeat trick); ``ref_noise`` / ``ref_t``: the reference pass sees the policy's ε / t (the same x_t).
+COUPLINGS = {
+    "everything shared": dict(pair=True, ref_noise=True, ref_t=True),
+    "winner and loser apart": dict(pair=False, ref_noise=True, ref_t=True),
+    "reference: own ε": dict(pair=True, ref_noise=False, ref_t=True),
+    "reference: own t": dict(pair=True, ref_noise=True, ref_t=False),
+    "reference: own ε and t": dict(pair=True, ref_noise=False, ref_t=False),
+}
+
+
+def _draw(parts: DiffusionParts, encoded: EncodedBatch, g: torch.Generator, pair: bool):
+    """One ``(2B, C, h, w)`` noise and ``(2B,)`` timesteps: shared by each pair's two images, or each image its own."""
+    if pair:
+        return draw_noise(parts, encoded, g)
+    latents = encoded.latents
+    steps = parts.noise_scheduler.config.num_train_timesteps
+    return (torch.randn(latents.shape, generator=g, device=latents.device, dtype=latents.dtype),
+            torch.randint(0, steps, (latents.shape[0],), generator=g, device=latents.device))
+
+
+@torch.no_grad()
+def logit_draws(parts: DiffusionParts, unet, batch: dict, num_draws: int, beta: float, pair: bool = True,
+                ref_noise: bool = True, ref_t: bool = True, seed: int = 0) -> torch.Tensor:
+    r"""``(num_draws, B)`` one-draw estimates of each pair's logit :math:`z = -\tfrac{\beta}{2}(\text{model\_diff} -
+    \text{ref\_diff})`: the quantity the loss sees (Wallace et al. Eq. 14), ``unet`` carrying a LoRA (the policy) and
+    the reference being the same UNet with it off.
+
+    ``pair``: winner and loser share their ε and t (else each image draws its own); ``ref_noise`` / ``ref_t``: the
+    reference sees the policy's ε / t (else it draws its own, coupled within the pair in the same way).
+    :data:`COUPLINGS` names the ways the notebooks compare. The expectation of :math:`z` is the same for all of them;
+    what the coupling changes is how far one draw strays from it.
+    """
+    g, encoded = seeded_encoding(parts, batch, seed)
+    out = []
+    for _ in range(num_draws):
+        noise, t = _draw(parts, encoded, g, pair)
+        own_noise, own_t = _draw(parts, encoded, g, pair)  # drawn every time, so the stream of draws is the same
+        policy_w, policy_l = pair_mse(*noisy_prediction(parts, unet, encoded, noise, t))
+        with reference_mode(unet):
+            ref_w, ref_l = pair_mse(*noisy_prediction(parts, unet, encoded, noise if ref_noise else own_noise,
+                                                      t if ref_t else own_t))
+        out.append(-0.5 * beta * ((policy_w - policy_l) - (ref_w - ref_l)))  # (B,)
+    return torch.stack(out)  # (num_draws, B)
+
+
+def logit_variance_table(parts: DiffusionParts, unet, batch: dict, num_draws: int, beta: float,
+                         seed: int = 0) -> dict[str, dict]:
+    """For each way of drawing (:data:`COUPLINGS`): the per-pair variance of the one-draw logit estimate relative to
+    sharing everything (median over pairs, and pooled over pairs), the mean logit, and the ``(num_draws, B)`` draws."""
+    draws = {name: logit_draws(parts, unet, batch, num_draws, beta, seed=seed, **coupling)
+             for name, coupling in COUPLINGS.items()}
+    base = draws["everything shared"]
+    return {name: {"variance_ratio_median": float((d.var(dim=0) / base.var(dim=0)).median()),
+                   "variance_ratio_pooled": float((d - d.mean(0)).pow(2).mean() / (base - base.mean(0)).pow(2).mean()),
+                   "mean_logit": float(d.mean()), "draws": d}
+            for name, d in draws.items()}
 
 
 def sharing_table(parts: DiffusionParts, unet, batch: dict, num_draws: int, seed: int = 0) -> dict[str, dict]:
@@ -61,8 +125,7 @@ def mse_by_timestep(parts: DiffusionParts, unet, batch: dict, timesteps: list[in
     For an ε-prediction model the error is largest at small t (little noise to find in a nearly clean
     image) and smallest at large t (the input is almost all noise, so ε is easy to read off).
     """
-    g = torch.Generator(parts.vae.device).manual_seed(seed)
-    encoded = encode_batch(parts, batch, g)
+    g, encoded = seeded_encoding(parts, batch, seed)
     out = []
     for step in timesteps:
         t = torch.full((encoded.latents.shape[0],), int(step), device=encoded.latents.device, dtype=torch.long)
@@ -84,8 +147,7 @@ def per_pair_errors(parts: DiffusionParts, unet, batch: dict, timestep: int | No
 
     ``timestep``: one fixed t for every pair (e.g. 500), else each pair draws its own.
     """
-    g = torch.Generator(parts.vae.device).manual_seed(seed)
-    encoded = encode_batch(parts, batch, g)
+    g, encoded = seeded_encoding(parts, batch, seed)
     noise, t = draw_noise(parts, encoded, g)  # (2B, C, h, w), (2B,): shared within each pair
     if timestep is not None:
         t = torch.full_like(t, int(timestep))
@@ -97,8 +159,8 @@ def _policy_and_reference(parts: DiffusionParts, unet, encoded, noise: torch.Ten
     policy, target = noisy_prediction(parts, unet, encoded, noise, t)
     with reference_mode(unet):
         reference, _ = noisy_prediction(parts, unet, encoded, noise, t)
-    policy_w, policy_l = split_pairs(per_sample_mse(policy, target))
-    ref_w, ref_l = split_pairs(per_sample_mse(reference, target))
+    policy_w, policy_l = pair_mse(policy, target)
+    ref_w, ref_l = pair_mse(reference, target)
     return {"policy_w": policy_w, "policy_l": policy_l, "ref_w": ref_w, "ref_l": ref_l,
             "policy_pred": policy, "ref_pred": reference, "target": target}
 
@@ -109,8 +171,7 @@ def pair_errors(parts: DiffusionParts, unet, batch: dict, num_draws: int = 8, se
 
     The same shared noise/timestep draws are used for both, so the numbers are directly comparable.
     """
-    g = torch.Generator(parts.vae.device).manual_seed(seed)
-    encoded = encode_batch(parts, batch, g)
+    g, encoded = seeded_encoding(parts, batch, seed)
     sums = {k: 0.0 for k in ("policy_w", "policy_l", "ref_w", "ref_l")}
     for _ in range(num_draws):
         errors = _policy_and_reference(parts, unet, encoded, *draw_noise(parts, encoded, g))
@@ -118,34 +179,3 @@ def pair_errors(parts: DiffusionParts, unet, batch: dict, num_draws: int = 8, se
             sums[k] += errors[k].mean().item() / num_draws
     return sums
 
-
-def first_steps(config, num_steps: int) -> dict:
-    """The first ``num_steps`` optimizer steps of a fresh run of ``config`` (the LoRA starts at zero), in a
-    temporary folder: nothing is saved.
-
-    Returns ``(num_steps, B)`` tensors ``model_diff``, ``ref_diff`` and ``logits`` of each step's batch
-    (all its micro-batches), measured as training measures them, before that step's update, and the
-    ``(num_steps,)`` learning rate ``lr`` each update used. Step 1 measures the untrained LoRA (policy =
-    reference, so every ``model_diff - ref_diff`` is exactly 0).
-    """
-    import tempfile
-
-    from .run_dir import release_output_dir
-    from .train import optimizer_step, setup_run
-
-    rows = {"model_diff": [], "ref_diff": [], "logits": []}
-    lrs = []
-    with tempfile.TemporaryDirectory() as folder:
-        run = setup_run(config.replace(output_dir=folder, resume=None, max_steps=max(config.max_steps, num_steps),
-                                       sample_grid=False, cache_latents=False))  # a few steps: not worth a cache
-        try:
-            batches = iter(run.stream)
-            for _ in range(num_steps):
-                lrs.append(run.lr_scheduler.get_last_lr()[0])
-                outs, _, _ = optimizer_step(run, batches)
-                for key in rows:
-                    rows[key].append(torch.cat([getattr(o, key).float().cpu() for o in outs]))
-        finally:
-            run.accelerator.end_training()
-            release_output_dir(folder)
-    return {**{key: torch.stack(values) for key, values in rows.items()}, "lr": torch.tensor(lrs)}

@@ -1,20 +1,26 @@
-"""Resumable checkpoints, written atomically.
+"""Resumable checkpoints, written atomically and checked when read back.
 
-A checkpoint is a folder ``checkpoint-<step>`` holding the trainable weights (safetensors), the
-optimizer and lr-scheduler states, every RNG state and the data stream position. It is written under
-a temporary name and renamed into place only when complete, so a run killed at any moment leaves the
-latest *complete* checkpoint loadable; half-written ``.tmp-*`` folders are ignored and cleaned up.
-Deleting works the same way backwards (:func:`remove_folder`): a folder is renamed out of sight first,
-then deleted, so a kill during pruning never leaves a half-deleted ``checkpoint-<step>`` that looks whole.
+A checkpoint is a folder ``checkpoint-<step>`` holding the trainable weights (``trainable.safetensors``),
+the optimizer, lr-scheduler and GradScaler states (``training_state.pt``), each process's RNG and
+data-stream position (``process_<rank>.pt``) and ``state.json`` (the step, the process count, the run's
+settings). It is written under a temporary name and renamed into place only when complete
+(:func:`dpo_tutorial.files.replace_folder`), so a run killed at any moment leaves the latest *complete*
+checkpoint loadable; deleting renames first, too (:func:`dpo_tutorial.files.remove_folder`).
+
+Nothing in a checkpoint is trusted when it is read back: ``state.json`` must be a JSON object whose step
+is the folder's own number; the weights must be exactly this model's trainable tensors, with their shapes
+and finite values; the ``.pt`` files hold tensors and numbers only, never code (:func:`safe_load`). A
+checkpoint that fails any check raises :class:`CheckpointError`, and :func:`load_first_good` falls back to
+the next older one. Only folders with the complete layout count as checkpoints (:func:`list_checkpoints`),
+so pruning never deletes a folder the run did not write.
 """
 from __future__ import annotations
 
+import errno
 import json
-import os
 import pickle
 import random
 import re
-import shutil
 import warnings
 from pathlib import Path
 
@@ -22,48 +28,33 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import files
 from .config import ConfigError
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+LAYOUT = ("state.json", "trainable.safetensors", "training_state.pt", "process_0.pt")  # what every checkpoint has
 
 
 class CheckpointError(ConfigError):
-    """A checkpoint folder is incomplete, corrupt, unsafe or made for another model; the message names it."""
+    """A checkpoint folder is incomplete, corrupt, unsafe, made for another run, or cannot be written."""
 
 
-def remove_folder(path: str | Path) -> None:
-    """Delete ``path`` so that no half-deleted folder is ever visible under its name.
-
-    The folder is first renamed (one atomic step) to ``.trash-<name>-<pid>`` beside it, then deleted; a
-    run killed during the delete leaves only that hidden name, which :func:`clean_partial` removes later.
-    ``shutil.rmtree`` alone deletes file by file, so a kill midway left e.g. ``checkpoint-2/state.json``
-    without its weights: a folder :func:`list_checkpoints` would report as complete.
-    """
-    path = Path(path)
-    if not path.exists():
-        return
-    trash = path.with_name(f".trash-{path.name}-{os.getpid()}")
-    shutil.rmtree(trash, ignore_errors=True)
-    os.replace(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+def checkpoint_step(path: Path) -> int | None:
+    """The step in a ``checkpoint-<step>`` folder name, else ``None``."""
+    m = _NAME.match(Path(path).name)
+    return int(m.group(1)) if m else None
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoint folders in ``output_dir``, oldest step first."""
+    """The checkpoints in ``output_dir``, oldest step first: folders named ``checkpoint-<step>`` that hold every
+    file of :data:`LAYOUT` (a folder a user happened to name so is not one, and is never pruned)."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
+    found = [(checkpoint_step(p), p) for p in root.iterdir()
+             if checkpoint_step(p) is not None and p.is_dir() and not p.is_symlink()
+             and all((p / name).is_file() for name in LAYOUT)]
     return [p for _, p in sorted(found)]
-
-
-def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
-    """``None`` -> None; ``'latest'`` -> newest complete checkpoint (None if there is none); else the path.
-
-    For ``'latest'`` see :func:`resume_candidates`, which also lists the older fallbacks.
-    """
-    found = resume_candidates(resume, output_dir)
-    return found[0] if found else None
 
 
 def resume_candidates(resume: str | None, output_dir: str | Path) -> list[Path]:
@@ -119,60 +110,110 @@ def safe_load(path: Path):
                               f"({reason})") from err
 
 
+def _write_failed(err: BaseException) -> bool:
+    """True for the errors a full or failing disk raises while a checkpoint is written (torch's serializer
+    reports it as a RuntimeError from its C++ writer)."""
+    if isinstance(err, OSError):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and ("file write failed" in text or "inline_container" in text)
+
+
 def save_checkpoint(output_dir: str | Path, step: int, *, trainable: dict[str, torch.Tensor], optimizer,
                     lr_scheduler, generator: torch.Generator, data_state: dict, extra: dict, rank: int = 0,
                     world_size: int = 1, barrier=lambda: None, limit: int | None = None, scaler=None) -> Path:
     """Write ``checkpoint-<step>`` atomically; every process calls it (``barrier`` syncs them).
 
     Each process adds its own RNG and data-stream state (``process_<rank>.pt``); the main process
-    (rank 0) adds the trainable weights, optimizer and scheduler states and ``state.json``, fsyncs,
-    renames the temporary folder into place and prunes to the ``limit`` newest checkpoints. ``scaler``
-    (fp16's GradScaler, when there is one) is saved with the optimizer so fp16 resumes are exact.
+    (rank 0) adds the trainable weights, optimizer and scheduler states and ``state.json``, renames the
+    temporary folder into place and prunes to the ``limit`` newest checkpoints. ``scaler`` (fp16's
+    GradScaler, when there is one) is saved with the optimizer so fp16 resumes are exact. A full disk raises
+    :class:`CheckpointError` in one line; the previous checkpoint is left intact.
     """
     root = Path(output_dir)
     final, tmp = root / f"checkpoint-{step}", root / f".tmp-checkpoint-{step}"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    barrier()
-    torch.save({"rng": rng_state(generator), "data": data_state}, tmp / f"process_{rank}.pt")
-    barrier()
-    if rank == 0:
-        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()},
-                  str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "training_state.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "world_size": world_size, **extra}, indent=1))
-        for f in tmp.iterdir():  # make the bytes durable before the folder becomes visible
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        remove_folder(final)
-        os.replace(tmp, final)
-        for old in list_checkpoints(root)[: -limit if limit else 0]:
-            remove_folder(old)
+    try:
+        if rank == 0:
+            files.fresh_folder(tmp)  # also replaces a stale temporary folder or a link of that name
+        barrier()
+        torch.save({"rng": rng_state(generator), "data": data_state}, tmp / f"process_{rank}.pt")
+        barrier()
+        if rank == 0:
+            save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()},
+                      str(tmp / "trainable.safetensors"))
+            torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                        "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "training_state.pt")
+            files.write_json(tmp / "state.json", {"step": step, "world_size": world_size, **extra})
+            files.replace_folder(tmp, final)
+            for old in list_checkpoints(root)[: -limit if limit else 0]:
+                files.remove_folder(old)
+    except (OSError, RuntimeError) as err:
+        if not _write_failed(err):
+            raise
+        files.remove(tmp)
+        full = isinstance(err, OSError) and err.errno == errno.ENOSPC or "file write failed" in str(err)
+        raise CheckpointError(f"could not write checkpoint {final} ({'the disk is full' if full else type(err).__name__}"
+                              f": {' '.join(str(err).split())[:100]}); the previous checkpoint is intact: free "
+                              "some space, then resume with --resume latest") from err
     barrier()
     return final
 
 
-def read_checkpoint(path: str | Path, trainable_names: set[str], rank: int = 0) -> dict:
-    """Read and check every file of a checkpoint without changing anything; raise :class:`CheckpointError`.
-
-    The weights must hold exactly ``trainable_names`` (an empty or half-filled file is refused) with finite
-    shapes; ``training_state.pt`` and ``process_<rank>.pt`` are loaded with :func:`safe_load`.
-    """
+def read_state(path: str | Path) -> dict:
+    """``state.json`` of a checkpoint, checked: a JSON object whose ``step`` is the folder's own number (>= 1),
+    with a positive ``world_size`` and, when present, a ``config`` object; else :class:`CheckpointError`."""
     path = Path(path)
     try:
         state = json.loads((path / "state.json").read_text())
+    except FileNotFoundError as err:
+        raise CheckpointError(f"checkpoint {path} is incomplete: state.json is missing") from err
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} has an unreadable state.json ({type(err).__name__})") from err
+    step, name_step = state.get("step") if isinstance(state, dict) else None, checkpoint_step(path)
+    problems = []
+    if not isinstance(state, dict):
+        problems.append(f"not a JSON object but {type(state).__name__}")
+    elif not isinstance(step, int) or isinstance(step, bool) or step < 1:
+        problems.append(f"step {step!r} is not a positive integer")
+    elif name_step is not None and step != name_step:
+        problems.append(f"step {step} in a folder named for step {name_step}")
+    elif not isinstance(state.get("world_size", 1), int) or state.get("world_size", 1) < 1:
+        problems.append(f"world_size {state.get('world_size')!r} is not a positive integer")
+    elif not isinstance(state.get("config", {}), dict):
+        problems.append("its config is not a JSON object")
+    if problems:
+        raise CheckpointError(f"checkpoint {path} has a state.json that does not fit it ({problems[0]})")
+    return state
+
+
+def read_checkpoint(path: str | Path, trainable: dict[str, torch.Tensor], rank: int = 0) -> dict:
+    """Read and check every file of a checkpoint without changing anything; raise :class:`CheckpointError`.
+
+    The weights must be exactly the tensors of ``trainable`` (name -> parameter), with the same shapes and
+    finite values (an empty, half-filled or other-rank file is refused); ``state.json`` is checked by
+    :func:`read_state`; ``training_state.pt`` and ``process_<rank>.pt`` are loaded with :func:`safe_load`.
+    """
+    path = Path(path)
+    state = read_state(path)
+    try:
         weights = load_file(str(path / "trainable.safetensors"))
     except FileNotFoundError as err:
-        raise CheckpointError(f"checkpoint {path} is incomplete: {Path(err.filename or '').name} is missing") from err
+        raise CheckpointError(f"checkpoint {path} is incomplete: trainable.safetensors is missing") from err
     except Exception as err:  # safetensors raises its own error types for truncated or garbled files
         raise CheckpointError(f"checkpoint {path} is corrupt ({type(err).__name__}: {str(err)[:160]})") from err
-    missing, extra = sorted(trainable_names - set(weights)), sorted(set(weights) - trainable_names)
+    missing, extra = sorted(set(trainable) - set(weights)), sorted(set(weights) - set(trainable))
     if missing or extra:
         raise CheckpointError(f"checkpoint {path} does not hold this model's trainable weights ({len(missing)} "
                               f"missing, e.g. {missing[:2]}; {len(extra)} unexpected, e.g. {extra[:2]}): "
                               "made with another model, rank or fine-tuning mode, or half-written?")
+    shapes = [f"{n}: {tuple(w.shape)} vs {tuple(trainable[n].shape)}" for n, w in weights.items()
+              if w.shape != trainable[n].shape]
+    if shapes:
+        raise CheckpointError(f"checkpoint {path} holds weights of other shapes than this model's ({len(shapes)}, "
+                              f"e.g. {shapes[0]}): made with another LoRA rank or model")
+    bad = [n for n, w in weights.items() if w.is_floating_point() and not torch.isfinite(w).all()]
+    if bad:
+        raise CheckpointError(f"checkpoint {path} holds non-finite weights ({len(bad)} tensors, e.g. {bad[0]})")
     training_state = safe_load(path / "training_state.pt")
     process = safe_load(path / f"process_{rank}.pt")
     return {"state": state, "weights": weights, "training": training_state, "process": process}
@@ -187,7 +228,7 @@ def load_checkpoint(path: str | Path, module: torch.nn.Module, optimizer, lr_sch
     state under ``"data"``.
     """
     params = {n: p for n, p in module.named_parameters() if p.requires_grad}
-    found = read_checkpoint(path, set(params), rank)
+    found = read_checkpoint(path, params, rank)
     with torch.no_grad():
         for name, value in found["weights"].items():
             params[name].copy_(value)
@@ -220,16 +261,7 @@ def load_first_good(paths: list[Path], load) -> tuple[Path, dict] | tuple[None, 
 
 def remove_after(output_dir: str | Path, step: int) -> list[Path]:
     """Delete the checkpoints newer than ``step`` (an abandoned timeline); return what was removed."""
-    newer = [p for p in list_checkpoints(output_dir) if int(_NAME.match(p.name).group(1)) > step]
+    newer = [p for p in list_checkpoints(output_dir) if checkpoint_step(p) > step]
     for p in newer:
-        remove_folder(p)
+        files.remove_folder(p)
     return newer
-
-
-def clean_partial(output_dir: str | Path) -> None:
-    """Remove the half-written (``.tmp-checkpoint-*``) and half-deleted (``.trash-*``) folders a killed run left."""
-    root = Path(output_dir)
-    if root.is_dir():
-        for pattern in (".tmp-checkpoint-*", ".trash-*"):  # only the main process calls this, before training
-            for p in root.glob(pattern):
-                shutil.rmtree(p, ignore_errors=True)

@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import types
 import typing
+from pathlib import Path
 
-from .config import PRESET_NAMES, ConfigError, TrainConfig, get_preset
+from .cache import build_cache
+from .config import PRESET_NAMES, TOY_PAIRS_DIR, TOY_PIPELINE_DIR, TrainConfig, get_preset
+from .errors import ConfigError, UserError
+from .figures import make_figures
+from .run_dir import History, plan_rerun
+from .summary import format_summary
+from .toy import pairs, pretrain
+from .train import train
 
 
 def _flag_type(hint):
@@ -103,10 +112,6 @@ def build_parser(preset: str = "toy") -> argparse.ArgumentParser:
 
 def run_train(args: argparse.Namespace) -> int:
     """``dpo-tutorial train``: print where the artefacts went and the last metrics."""
-    from .rerun import plan_rerun
-    from .summary import format_summary
-    from .train import train
-
     plan = plan_rerun(config_from_args(args))
     if plan.message:
         print(plan.message.rstrip("\n"))
@@ -126,9 +131,6 @@ def run_train(args: argparse.Namespace) -> int:
 
 def report_finished(config: TrainConfig) -> None:
     """Say that ``config.output_dir`` already holds this very run, finished, with its closing report."""
-    from .summary import format_summary
-    from .train import History
-
     summary = History.load(config.output_dir).summary
     print(f"{config.output_dir} already holds this run, finished ({config.max_steps} steps): nothing to train.")
     for line in format_summary(summary):
@@ -139,14 +141,10 @@ def report_finished(config: TrainConfig) -> None:
 
 def is_toy_run(config: TrainConfig) -> bool:
     """Whether ``config`` trains the shipped toy model on the shipped toy pairs (the toy judge can score it)."""
-    from pathlib import Path
-
-    from .toy import PAIRS_DIR, PIPELINE_DIR
-
     def same(a: str, b: Path) -> bool:
         return Path(a).expanduser().resolve() == b.resolve()
 
-    return same(config.pretrained, PIPELINE_DIR) and same(config.dataset, PAIRS_DIR)
+    return same(config.pretrained, TOY_PIPELINE_DIR) and same(config.dataset, TOY_PAIRS_DIR)
 
 
 def evaluate_after_training(config: TrainConfig) -> None:
@@ -161,8 +159,6 @@ def evaluate_after_training(config: TrainConfig) -> None:
 
 def run_cache(args: argparse.Namespace) -> int:
     """``dpo-tutorial cache``: build the latent cache and say how to use it."""
-    from .cache import build_cache
-
     config = config_from_args(args)
     out = build_cache(config, args.out)
     print(f"cache written to {out}; train from it with: dpo-tutorial train --cache {out} (same model/resolution)")
@@ -203,16 +199,12 @@ def print_toy_evaluation(lora_dir: str, per_caption: int = 40, num_draws: int = 
 
 def run_toy(args: argparse.Namespace) -> int:
     """``dpo-tutorial toy pretrain|pairs ...``: the scripts that made the shipped assets."""
-    from .toy import pairs, pretrain
-
     {"pretrain": pretrain.main, "pairs": pairs.main}[args.step](args.args)
     return 0
 
 
 def run_figures(args: argparse.Namespace) -> int:
     """``dpo-tutorial figures``: write the figures and list them."""
-    from .figures import make_figures
-
     for name in make_figures(args.out):
         print(f"wrote {args.out}/{name}")
     return 0
@@ -222,17 +214,27 @@ COMMANDS = {"train": run_train, "cache": run_cache, "evaluate": run_evaluate, "t
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``dpo-tutorial`` console script; user errors print one line and exit 2."""
-    from .data import DataError
-    from .models import ModelError
+    """Entry point of the ``dpo-tutorial`` console script; user errors print one line and exit 2.
 
+    A run stopped by repeated non-finite steps (``FloatingPointError``) also ends in one line, exit 1; under
+    several processes every process stops, and only the first one prints it.
+    """
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(chosen_preset(argv)).parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, DataError, ModelError, FileNotFoundError) as err:
-        print(f"dpo-tutorial {args.command}: error: {err}", file=sys.stderr)
+    except (UserError, FileNotFoundError) as err:
+        print(f"dpo-tutorial {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
+    except FloatingPointError as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"dpo-tutorial {args.command}: stopped: {one_line(err)}", file=sys.stderr)
+        return 1
+
+
+def one_line(err: BaseException) -> str:
+    """An error's message on one line (a message from a library may span several)."""
+    return " ".join(str(err).split())
 
 
 if __name__ == "__main__":

@@ -9,16 +9,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from .errors import ConfigError
 from .loss import LOSS_TYPES
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 PREDICTION_TYPES = (None, "epsilon", "v_prediction")
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field, the value and what is expected."""
 
 
 def _finite(value) -> bool:
@@ -98,7 +96,8 @@ class TrainConfig:
                                     none="any number")
     max_nonfinite_steps: int = _f(5, "stop after this many non-finite (skipped) updates in a row")
     heldout_split: str | None = _f(None, "at the end, measure the implicit-reward accuracy on this split of the "
-                                         "dataset (e.g. validation)", none="off")
+                                         "dataset (e.g. validation); '' switches it off. A split the dataset lacks "
+                                         "is reported before the first step and skipped", none="off")
     heldout_pairs: int = _f(300, "score at most this many held-out pairs (heldout_split)")
     sample_grid: bool = _f(True, "at the end, write a base-vs-DPO image grid (samples.png)")
     sample_steps: int = _f(25, "denoising steps for the image grid")
@@ -159,38 +158,41 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _presets() -> dict[str, dict]:
-    from . import toy
+# The toy world's shipped assets, as paths (the toy package reads them from here, not the reverse).
+TOY_ASSETS = Path(__file__).parent / "toy" / "assets"
+TOY_PIPELINE_DIR = TOY_ASSETS / "tiny-sd-shapes"
+TOY_PAIRS_DIR = TOY_ASSETS / "pickapic-shapes"
 
-    return {
-        # the offline default: tiny SD + toy pairs shipped in the package (see dpo_tutorial/toy)
-        "toy": dict(pretrained=str(toy.PIPELINE_DIR), dataset=str(toy.PAIRS_DIR), resolution=32, batch_size=32,
-                    # cosine decay with a 50-step warm-up: every one of 5 seeds passes issue 16's bar, where
-                    # a constant lr left seed 2 worse than the base model (benchmarks/toy_seeds.py)
-                    max_steps=700, lr=5e-3, lr_scheduler="cosine", lr_warmup_steps=50, beta=250.0, rank=8,
-                    checkpoint_every=100, checkpoints_total_limit=2, output_dir="runs/toy", heldout_split="validation",
-                    sample_steps=toy.SAMPLE_STEPS, guidance_scale=toy.GUIDANCE_SCALE),
-        # SD 1.5 on one Colab GPU. beta 5000 = the diffusers SD script's beta_dpo 2500.
-        "sd15": dict(pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                     dataset="yuvalkirstain/pickapic_v2", streaming=True, resolution=512,
-                     batch_size=2, grad_accum=8, lr=1e-5, beta=5000.0, rank=8, max_steps=2000,
-                     mixed_precision="fp16", gradient_checkpointing=True, checkpoint_every=500,
-                     output_dir="runs/sd15"),
-        # SDXL on one big GPU or several (accelerate launch). The fp16-fix VAE avoids NaNs in fp16.
-        "sdxl": dict(pretrained="stabilityai/stable-diffusion-xl-base-1.0",
-                     vae="madebyollin/sdxl-vae-fp16-fix", dataset="yuvalkirstain/pickapic_v2",
-                     streaming=True, resolution=1024, batch_size=1, grad_accum=16, lr=1e-5,
-                     beta=5000.0, rank=8, max_steps=2000, mixed_precision="fp16",
-                     gradient_checkpointing=True, checkpoint_every=500, output_dir="runs/sdxl"),
-    }
+PRESETS: dict[str, dict] = {
+    # the offline default: tiny SD + toy pairs shipped in the package (see dpo_tutorial/toy)
+    "toy": dict(pretrained=str(TOY_PIPELINE_DIR), dataset=str(TOY_PAIRS_DIR), resolution=32, batch_size=32,
+                # cosine decay with a 50-step warm-up: every one of 5 seeds passes the toy's bar, where a constant
+                # lr left seed 2 worse than the base model (benchmarks/toy_seeds.py)
+                max_steps=700, lr=5e-3, lr_scheduler="cosine", lr_warmup_steps=50, beta=250.0, rank=8,
+                checkpoint_every=100, checkpoints_total_limit=2, output_dir="runs/toy", heldout_split="validation",
+                # how the toy samples (pairs, evaluation, the grid): the pipeline's own DDPM sampler, 25 steps, and
+                # no classifier-free guidance, which would amplify the colour the caption names
+                sample_steps=25, guidance_scale=1.0),
+    # SD 1.5 on one Colab GPU. beta 5000 = the diffusers SD script's beta_dpo 2500.
+    "sd15": dict(pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                 dataset="yuvalkirstain/pickapic_v2", streaming=True, resolution=512,
+                 batch_size=2, grad_accum=8, lr=1e-5, beta=5000.0, rank=8, max_steps=2000,
+                 mixed_precision="fp16", gradient_checkpointing=True, checkpoint_every=500,
+                 output_dir="runs/sd15"),
+    # SDXL on one big GPU or several (accelerate launch). The fp16-fix VAE avoids NaNs in fp16.
+    "sdxl": dict(pretrained="stabilityai/stable-diffusion-xl-base-1.0",
+                 vae="madebyollin/sdxl-vae-fp16-fix", dataset="yuvalkirstain/pickapic_v2",
+                 streaming=True, resolution=1024, batch_size=1, grad_accum=16, lr=1e-5,
+                 beta=5000.0, rank=8, max_steps=2000, mixed_precision="fp16",
+                 gradient_checkpointing=True, checkpoint_every=500, output_dir="runs/sdxl"),
+}
 
 
-PRESET_NAMES = tuple(_presets())
+PRESET_NAMES = tuple(PRESETS)
 
 
 def get_preset(name: str = "toy", **overrides) -> TrainConfig:
     """The named recipe as a validated :class:`TrainConfig`, with ``overrides`` applied."""
-    presets = _presets()
-    if name not in presets:
+    if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; expected one of {PRESET_NAMES}")
-    return TrainConfig().replace(**{**presets[name], **overrides}).validate()
+    return TrainConfig().replace(**{**PRESETS[name], **overrides}).validate()

@@ -15,10 +15,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from .errors import DataError
 from .hub import check_hub_reachable, is_hub_id
 from .pickapic import REQUIRED_COLUMNS, schema_text
 
@@ -26,10 +30,6 @@ from .pickapic import REQUIRED_COLUMNS, schema_text
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")  # what a preference dataset holds; nothing else is even opened
 MAX_ASPECT_RATIO = 8.0  # longer side / shorter side; beyond it the resize to the training size explodes
 MAX_IMAGE_PIXELS = 64_000_000  # per image, before resizing (PIL's own bomb limit is ~179 M)
-
-
-class DataError(ValueError):
-    """The dataset cannot be used; the message names the source, column or value and what was expected."""
 
 
 class SkipRow(ValueError):
@@ -83,8 +83,6 @@ def load_pickapic(source: str, split: str = "train", streaming: bool = False):
     Returns a ``datasets.Dataset`` (or ``IterableDataset`` when ``streaming``) after checking that the
     required columns are present (:func:`check_columns`).
     """
-    import datasets
-
     path = Path(source).expanduser()
     if path.is_file():
         files: list[str] | None = [str(path)]
@@ -129,9 +127,6 @@ def check_parquet_files(files: list[str]) -> None:
 
     Raises :class:`DataError` naming the file (not parquet, wrong column type) or the mixed schemas.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     first, rows = None, 0
     for f in files:
         try:
@@ -185,6 +180,24 @@ def pair_order(label_0) -> str:
     if label == 0.5:
         return "tie"
     return "0" if label > 0.5 else "1"
+
+
+def winner_first(label_0) -> tuple[int, int]:
+    """``(winner, loser)``: the indices of a row's two images, the preferred one first (``(0, 1)`` when image 0 won).
+
+    The one rule that orders a pair, for images and for the latent cache alike. Raises :class:`SkipRow`
+    (``tie`` or ``invalid``) for a label that names no winner (:func:`pair_order`).
+    """
+    order = pair_order(label_0)
+    if order in ("tie", "invalid"):
+        raise SkipRow(order)
+    return (0, 1) if order == "0" else (1, 0)
+
+
+def winners_then_losers(winners: list[torch.Tensor], losers: list[torch.Tensor]) -> torch.Tensor:
+    """Stack ``B`` winner and ``B`` loser tensors into the ``(2B, ...)`` layout: winners first, then the losers
+    in the same pair order (row ``i`` and row ``i + B`` are one pair)."""
+    return torch.cat([torch.stack(winners), torch.stack(losers)])
 
 
 # ---------------------------------------------------------------------------------------- decoding
@@ -295,13 +308,10 @@ def make_example(row: dict, transform: PairTransform, rng: random.Random,
     Raises :class:`SkipRow` for ties, invalid labels, a caption that is not text, or images that are
     missing, not bytes, undecodable or oversized (callers skip and count by reason).
     """
-    order = pair_order(row["label_0"])
-    if order in ("tie", "invalid"):
-        raise SkipRow(order)
+    winner, loser = winner_first(row["label_0"])
     if row["caption"] is not None and not isinstance(row["caption"], str):
         raise SkipRow("bad_caption", type(row["caption"]).__name__)
-    winner, loser = ("jpg_0", "jpg_1") if order == "0" else ("jpg_1", "jpg_0")
-    img_w, img_l = decode_image(row[winner]), decode_image(row[loser])
+    img_w, img_l = decode_image(row[f"jpg_{winner}"]), decode_image(row[f"jpg_{loser}"])
     (x_w, size_w, crop_w), (x_l, size_l, crop_l) = transform(img_w, img_l, rng)
     caption = drop_caption(row["caption"], rng, empty_prompt_prob)
     return PairExample(caption, x_w, x_l, size_w, size_l, crop_w, crop_l)
@@ -315,18 +325,31 @@ def collate_pairs(examples: list[PairExample]) -> dict:
     """
     if not examples:
         raise ValueError("cannot collate an empty list of pairs")
-    pixel_values = torch.stack([e.x_w for e in examples] + [e.x_l for e in examples])  # (2B, 3, H, W)
-    sizes = [e.original_size_w for e in examples] + [e.original_size_l for e in examples]
-    crops = [e.crop_top_left_w for e in examples] + [e.crop_top_left_l for e in examples]
+    def pair(w, l) -> torch.Tensor:
+        return winners_then_losers([torch.as_tensor(getattr(e, w)) for e in examples],
+                                   [torch.as_tensor(getattr(e, l)) for e in examples])
+
     return {
-        "pixel_values": pixel_values,
+        "pixel_values": pair("x_w", "x_l"),  # (2B, 3, H, W)
         "captions": [e.caption for e in examples],
-        "original_sizes": torch.tensor(sizes, dtype=torch.long),  # (2B, 2)
-        "crop_top_lefts": torch.tensor(crops, dtype=torch.long),  # (2B, 2)
+        "original_sizes": pair("original_size_w", "original_size_l").long(),  # (2B, 2)
+        "crop_top_lefts": pair("crop_top_left_w", "crop_top_left_l").long(),  # (2B, 2)
     }
 
 
 # ------------------------------------------------------------------------------------- iteration
+def usable_rows(labels) -> tuple[list[int], Counter]:
+    """The indices of the rows whose ``label_0`` names a winner, and the count of every :func:`pair_order`; raises
+    :class:`DataError` when no row is usable (all ties or invalid labels)."""
+    orders = [pair_order(label) for label in labels]
+    counts = Counter(orders)
+    keep = [i for i, o in enumerate(orders) if o in ("0", "1")]
+    if not keep:
+        raise DataError(f"no usable pairs: {len(orders)} rows, {counts['tie']} ties, {counts['invalid']} invalid "
+                        "labels (label_0 must be 0, 1 or in between)")
+    return keep, counts
+
+
 @dataclass
 class PairStream:
     """Endless, seeded, resumable stream of batches of winner-first pairs.
@@ -359,14 +382,8 @@ class PairStream:
 
     def _valid_indices(self) -> list[int]:
         """Row indices with a usable label (ties and invalid labels counted, once)."""
-        orders = [pair_order(label) for label in self.dataset["label_0"]]
-        counts = Counter(orders)
-        self.ties = counts["tie"]
-        self.invalid_labels = counts["invalid"]
-        keep = [i for i, o in enumerate(orders) if o in ("0", "1")]
-        if not keep:
-            raise DataError(f"no usable pairs: {len(orders)} rows, {self.ties} ties, "
-                            f"{self.invalid_labels} invalid labels (label_0 must be 0, 1 or in between)")
+        keep, counts = usable_rows(self.dataset["label_0"])
+        self.ties, self.invalid_labels = counts["tie"], counts["invalid"]
         return keep[: self.max_pairs] if self.max_pairs else keep
 
     def __len__(self) -> int:
@@ -380,9 +397,11 @@ class PairStream:
         if self.streaming:
             ds = self.dataset.shuffle(seed=self.seed, buffer_size=1000)
             ds.set_epoch(self.epoch)
+            usable = 0  # rows with a winner, as max_pairs counts them for a loaded dataset (_valid_indices)
             for i, row in enumerate(ds):
-                if self.max_pairs and i >= self.max_pairs:
+                if self.max_pairs and usable >= self.max_pairs:
                     return
+                usable += pair_order(row.get("label_0")) in ("0", "1")
                 if i >= self.position:
                     yield i, row
             return

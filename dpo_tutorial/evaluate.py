@@ -23,9 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import DDPMScheduler
+from safetensors import safe_open
 
-from .data import DataError, PairTransform, SkipRow, collate_pairs, load_pickapic, make_example, pair_order
+from .data import DataError, PairTransform, SkipRow, collate_pairs, load_pickapic, make_example
 from .loss import implicit_accuracy
+from .models import DiffusionParts, ModelError
+from .sample import generate, generate_with_and_without_lora, load_pipeline
+from .step import dpo_step
 
 
 @dataclass
@@ -81,17 +86,13 @@ def implicit_reward_accuracy(parts, unet, dataset, resolution: int, num_draws: i
     are skipped; ties are not scored (they have no winner). ``return_count``: also return how many
     pairs were scored. ``batch_size`` pairs are scored at once (default :func:`eval_batch_pairs`).
     """
-    from .step import dpo_step
-
     batch_size = batch_size or eval_batch_pairs(resolution)
     transform = PairTransform(resolution, random_crop=False, random_flip=False)
     examples = []
     for row in dataset:
         if max_pairs is not None and len(examples) >= max_pairs:
             break
-        if pair_order(row["label_0"]) not in ("0", "1"):
-            continue
-        try:
+        try:  # ties have no winner; undecodable images are skipped as in training
             examples.append(make_example(row, transform, random.Random(0)))
         except SkipRow:
             continue
@@ -117,8 +118,6 @@ def compare_samples(pipe, captions: list[str], seeds: list[int], judge_score, ju
     ``base_samples``: what an earlier call returned for the same base model, captions, seeds, sampler and
     judge (e.g. when evaluating a second LoRA); its base images and scores are reused, not sampled again.
     """
-    from .sample import generate, generate_with_and_without_lora
-
     if base_samples is not None and len(base_samples["base_images"]) != len(captions):
         raise ValueError(f"base_samples holds {len(base_samples['base_images'])} base images for {len(captions)} "
                          "captions: expected the samples of an evaluation on the same captions and seeds")
@@ -139,11 +138,6 @@ def compare_samples(pipe, captions: list[str], seeds: list[int], judge_score, ju
 
 def load_with_lora(pretrained: str, lora_dir: str | Path, device: str | torch.device | None = None):
     """(pipeline with the LoRA loaded, its DiffusionParts) for evaluation, on ``device`` (default CPU)."""
-    from diffusers import DDPMScheduler
-
-    from .models import DiffusionParts
-    from .sample import load_pipeline
-
     pipe = load_pipeline(pretrained, device)
     check_lora_fits(pipe, pretrained, lora_dir)
     train_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -157,10 +151,6 @@ def check_lora_fits(pipe, pretrained: str, lora_dir: str | Path) -> None:
     A LoRA trained on another model either fails on shapes or (other layer names) loads nothing at all,
     which would silently evaluate the base model against itself.
     """
-    from safetensors import safe_open
-
-    from .models import ModelError
-
     path = Path(lora_dir) / "pytorch_lora_weights.safetensors"
     try:
         with safe_open(str(path), "pt") as f:
@@ -205,3 +195,14 @@ def evaluate(pretrained: str, lora_dir: str | Path, captions: list[str], seeds: 
                         base_mean_score=float(samples["base_scores"].mean()),
                         dpo_mean_score=float(samples["dpo_scores"].mean()))
     return result, samples
+
+
+def heldout_accuracy(parts, unet, config, num_draws: int = 4) -> dict:
+    """A run's closing held-out score: the implicit-reward accuracy of ``unet`` (LoRA on vs off) on
+    ``config.heldout_split`` of its dataset, at most ``config.heldout_pairs`` pairs, ``num_draws`` shared (noise,
+    timestep) draws each. Returns ``heldout_split``, ``heldout_pairs`` (how many were scored) and
+    ``heldout_implicit_acc``."""
+    pairs = load_pickapic(config.dataset, config.heldout_split, streaming=config.streaming)
+    acc, n = implicit_reward_accuracy(parts, unet, pairs, config.resolution, num_draws=num_draws,
+                                      max_pairs=config.heldout_pairs, return_count=True)
+    return {"heldout_split": config.heldout_split, "heldout_pairs": n, "heldout_implicit_acc": acc}

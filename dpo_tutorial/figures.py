@@ -11,20 +11,33 @@ drawn blue in one run is drawn green in another). The PNGs carry no software-ver
 """
 from __future__ import annotations
 
+import random
 import tempfile
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
+
+from . import files, plots
+from .config import get_preset
+from .data import PairStream, PairTransform, load_pickapic
+from .evaluate import load_with_lora
+from .analysis import model_diff_draws
+from .models import reference_mode
+from .notebook_env import budget
+from .threads import use_threads
+from .toy.evaluation import evaluate_toy, heldout_prompts
+from .train import first_steps, train
 
 
 FIGURE_THREADS = 2
 
 
 def _save(fig, path: Path) -> str:
-    fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Software": None})
-    import matplotlib.pyplot as plt
-
+    tmp = files.temporary_name(path)
+    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    files.replace_file(tmp, path)
     plt.close(fig)
     return path.name
 
@@ -32,27 +45,24 @@ def _save(fig, path: Path) -> str:
 def fix_randomness(threads: int, seed: int = 0) -> None:
     """Seed python, numpy and torch, and pin torch to ``threads`` threads (always calling
     ``torch.set_num_threads``, which also turns MKL's load-dependent dynamic threading off)."""
-    import random
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    torch.set_num_threads(threads)
+    use_threads(threads, deterministic=True)
+
+
+FIGURE_NAMES = ("logsigmoid.png", "loss_variants.png", "model_diff_geometry.png", "training_curves.png", "beta.png",
+                "shared_noise.png", "base_vs_dpo.png")
+
+
+def _only_figures(folder: Path) -> bool:
+    """A figures folder written before folders were marked: it holds nothing but the figures' PNGs."""
+    return all(p.name in FIGURE_NAMES for p in folder.iterdir())
 
 
 def make_figures(out_dir: str | Path = "figures") -> list[str]:
     """Write logsigmoid, beta, loss variants, geometry, shared-noise, training-curve and base-vs-DPO figures."""
-    from . import get_preset, plots
-    from .analysis import first_steps, model_diff_draws
-    from .data import PairStream, PairTransform, load_pickapic
-    from .evaluate import load_with_lora
-    from .models import reference_mode
-    from .notebook_env import budget
-    from .toy.evaluation import evaluate_toy, heldout_prompts
-    from .train import train
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = files.claim_folder(out_dir, "figures", legacy=_only_figures)
     fix_randomness(FIGURE_THREADS)
     written = [_save(plots.logsigmoid_figure(), out / "logsigmoid.png"),
                _save(plots.loss_variants_figure(), out / "loss_variants.png"),

@@ -1,4 +1,5 @@
-"""Loading Stable Diffusion (1.x/2.x) and SDXL parts, the LoRA adapter, and the reference pass.
+"""Loading Stable Diffusion (1.x/2.x) and SDXL parts, preparing them for training, the LoRA adapter, the
+reference pass, and saving what was trained.
 
 The reference model of Diffusion-DPO is the frozen starting point. With LoRA we do not keep a second
 UNet: the reference is the *same* UNet with its adapter switched off (:func:`reference_mode`). For a
@@ -13,45 +14,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers import (AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
+                       UNet2DConditionModel)
+from diffusers.utils import convert_state_dict_to_diffusers
+from diffusers.utils import logging as diffusers_logging
+from huggingface_hub import hf_hub_download
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+from transformers.utils import logging as transformers_logging
 
+from . import files
+from .errors import ModelError
 from .hub import check_hub_reachable, is_hub_id
+from .run_dir import LORA_FILE
 
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
-
-
-# (logger, message fragment): third-party notices the package's own calls trigger that say nothing a
-# learner can act on. transformers: "`X` requires torchvision (not installed); falling back to `XPil`" (the
-# package never uses torchvision, whose PyPI build does not pair with the CPU torch, and wants the PIL
-# fallback); diffusers: "No LoRA keys associated to CLIPTextModel" (our LoRAs adapt the UNet only).
-KNOWN_NOTICES = (("transformers.utils.import_utils", "requires torchvision (not installed)"),
-                 ("diffusers.loaders.lora_base", "No LoRA keys associated to CLIPTextModel"),
-                 ("diffusers.loaders.lora_pipeline", "No LoRA keys associated to CLIPTextModel"),
-                 ("diffusers.loaders.peft", "No LoRA keys associated to CLIPTextModel"))
-
-
-class _DropNotice:
-    """A logging filter that drops records containing one message fragment, and nothing else."""
-
-    def __init__(self, fragment: str):
-        self.fragment = fragment
-
-    def filter(self, record) -> bool:
-        return self.fragment not in record.getMessage()
-
-
-def quiet_known_notices() -> None:
-    """Drop the :data:`KNOWN_NOTICES` (once per logger); ``dpo_tutorial/__init__.py`` calls it on import,
-    before any diffusers or transformers import of the package."""
-    import logging
-
-    for name, fragment in KNOWN_NOTICES:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropNotice) and f.fragment == fragment for f in logger.filters):
-            logger.addFilter(_DropNotice(fragment))
-
-
-class ModelError(ValueError):
-    """A model folder or hub id cannot be used; the message says what to do."""
 
 
 @dataclass
@@ -96,8 +74,6 @@ def _model_index(pretrained: str, local: Path | None) -> dict:
     if local is not None:
         index = local / "model_index.json"
         return json.loads(index.read_text()) if index.exists() else {}
-    from huggingface_hub import hf_hub_download
-
     try:
         check_hub_reachable(f"model {pretrained!r}")  # fails at once offline instead of retrying
         return json.loads(Path(hf_hub_download(pretrained, "model_index.json")).read_text())
@@ -113,12 +89,6 @@ def load_parts(pretrained: str, vae: str | None = None, prediction_type: str | N
     ``pretrained`` is a local pipeline folder or a hub id; SDXL is recognised by its second text
     encoder. ``vae`` optionally replaces the pipeline's VAE (e.g. the SDXL fp16-fix VAE).
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
-
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
     local = check_source(pretrained)
     index = _model_index(pretrained, local)
     diffusers_logging.disable_progress_bar()  # per-file loading bars drown the training bar
@@ -153,8 +123,6 @@ def add_lora(unet: torch.nn.Module, rank: int = 8, alpha: float | None = None,
     The adapter's ``B`` matrices start at zero, so at initialisation the policy equals the reference
     exactly (loss = log 2, implicit accuracy = 0.5).
     """
-    from peft import LoraConfig
-
     if init_seed is not None:
         torch.manual_seed(init_seed)
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
@@ -182,6 +150,74 @@ def frozen_copy(unet: torch.nn.Module) -> torch.nn.Module:
     ref = copy.deepcopy(unet)
     ref.requires_grad_(False)
     return ref.eval()
+
+
+def weight_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype frozen weights are stored in under ``mixed_precision`` (``no``: float32); trained ones stay fp32."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def prepare_for_training(parts: DiffusionParts, config, dtype: torch.dtype):
+    """Freeze what is not trained and cast it to ``dtype``, add the LoRA (or unfreeze the UNet for a full
+    fine-tune, keeping a frozen reference copy in ``dtype``), apply the speed options; ``(params, ref_unet)``.
+
+    ``ref_unet`` is ``None`` for a LoRA (the reference is the UNet with its adapter off) and for SFT, which
+    never runs a reference.
+    """
+    unet = parts.unet
+    frozen = [parts.vae, *parts.text_encoders] + ([] if config.full_finetune else [unet])
+    if dtype != torch.float32:  # frozen weights in half precision; trained ones stay fp32
+        for module in frozen:
+            module.to(dtype=dtype)
+    ref_unet = None
+    if config.full_finetune:
+        if config.loss_type != "sft":  # SFT never runs a reference: no second UNet in memory
+            ref_unet = frozen_copy(unet).to(dtype=dtype)
+        unet.requires_grad_(True)
+        params = list(unet.parameters())
+    else:
+        params = add_lora(unet, config.rank, config.lora_alpha, init_seed=config.seed)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    apply_speed_options(config, [u for u in (unet, ref_unet) if u is not None])
+    unet.train()
+    return params, ref_unet
+
+
+def apply_speed_options(config, unets: list) -> None:
+    """Opt-in GPU speed settings (each benchmarked in ``benchmarks/``, none assumed to help)."""
+    if config.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    for unet in unets:
+        if config.channels_last:
+            unet.to(memory_format=torch.channels_last)
+        if config.compile_unet:
+            unet.compile()  # in place: parameter names (LoRA export, checkpoints) stay unchanged
+
+
+def export_lora(unet, output_dir: str | Path, is_sdxl: bool) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` in the diffusers format (``load_lora_weights`` reads it).
+
+    It is written in a temporary folder and renamed into place, so a cut export never looks finished.
+    """
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+    cls = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
+    out = Path(output_dir)
+    tmp = files.fresh_folder(out / ".tmp-lora")
+    cls.save_lora_weights(save_directory=str(tmp), unet_lora_layers=state, safe_serialization=True)
+    files.replace_file(tmp / LORA_FILE, out / LORA_FILE)
+    files.remove(tmp)
+    return out / LORA_FILE
+
+
+def export_unet(unet, output_dir: str | Path) -> Path:
+    """Save a fully fine-tuned UNet as ``<output_dir>/unet`` (a diffusers model folder), atomically."""
+    out = Path(output_dir)
+    tmp = files.fresh_folder(out / ".tmp-unet")
+    unet.save_pretrained(tmp)
+    return files.replace_folder(tmp, out / "unet")
 
 
 def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
@@ -231,17 +267,24 @@ def encode_images(vae: torch.nn.Module, pixel_values: torch.Tensor, generator: t
     return torch.cat(chunks) * vae.config.scaling_factor
 
 
+def latent_shape(vae_config: dict, resolution: int) -> tuple[int, int, int]:
+    """``(C, h, w)`` of one image's latent at ``resolution`` px: ``C`` is the VAE's ``latent_channels`` and
+    ``h = w = resolution / f`` with ``f = 2 ** (len(block_out_channels) - 1)`` its downsampling factor.
+    ``vae_config``: a VAE's config mapping (``vae.config``, ``AutoencoderKL.load_config(...)``, or a dict of
+    those two keys)."""
+    side = resolution // 2 ** (len(vae_config["block_out_channels"]) - 1)
+    return int(vae_config["latent_channels"]), side, side
+
+
 def latent_elements(vae_config: dict, resolution: int) -> int:
-    """Elements in one image's latent at ``resolution`` px: ``C * (resolution / f) ** 2``, with ``C`` the VAE's
-    ``latent_channels`` and ``f = 2 ** (len(block_out_channels) - 1)`` its downsampling factor. ``vae_config``:
-    a VAE's config mapping (``vae.config``, ``AutoencoderKL.load_config(...)``, or a dict of those two keys).
+    """Elements ``d = C * h * w`` in one image's latent at ``resolution`` px (:func:`latent_shape`).
 
     This is the ``d`` that :func:`dpo_tutorial.loss.per_sample_mse` divides a squared norm by: 4 * 8 * 8 = 256
     for the toy at 32 px, 4 * 64 * 64 = 16,384 for SD 1.5 at 512 px and 4 * 128 * 128 = 65,536 for SDXL at
     1024 px (their VAEs: 4 latent channels, four blocks, f = 8).
     """
-    factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    return int(vae_config["latent_channels"]) * (resolution // factor) ** 2
+    c, h, w = latent_shape(vae_config, resolution)
+    return c * h * w
 
 
 def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

@@ -13,8 +13,14 @@ mounted Google Drive folder, so that a recycled Colab VM resumes where it stoppe
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+
+import torch
+
+from .config import ConfigError, get_preset
+from .pickscore import PICKSCORE_MODEL, PICKSCORE_PROCESSOR
 
 
 def fast_mode() -> bool:
@@ -38,10 +44,6 @@ NOTEBOOK_PRESETS = ("toy", "sd15")
 def notebook_preset() -> str:
     """The preset every notebook runs: ``DPO_TUTORIAL_PRESET`` when set, else ``sd15`` on a CUDA GPU and
     ``toy`` elsewhere."""
-    import torch
-
-    from .config import ConfigError
-
     name = os.environ.get(PRESET_ENV, "").strip() or ("sd15" if torch.cuda.is_available() else "toy")
     if name not in NOTEBOOK_PRESETS:
         raise ConfigError(f"{PRESET_ENV}={name!r} is not a notebook preset; expected one of {NOTEBOOK_PRESETS} "
@@ -55,10 +57,6 @@ def notebook_overrides() -> dict:
     E.g. a copy of SD 1.5 on Google Drive: ``DPO_TUTORIAL_OVERRIDES='{"pretrained": "/content/drive/sd15"}'``.
     The tests use it to run the ``sd15`` cells on CPU against local stand-ins of the same format.
     """
-    import json
-
-    from .config import ConfigError
-
     text = os.environ.get(OVERRIDES_ENV, "").strip()
     if not text:
         return {}
@@ -71,23 +69,26 @@ def notebook_overrides() -> dict:
     return overrides
 
 
+_DEVICE_OVERRIDE = None  # set by the tests' device guard (dpo_tutorial.testing.device_guard.install)
+
+
+def set_device_override(device) -> None:
+    """Make :func:`notebook_device` return ``device`` for the rest of this process (``None``: back to the rule)."""
+    global _DEVICE_OVERRIDE
+    _DEVICE_OVERRIDE = device
+
+
 def notebook_device():
     """Where the notebooks put their models: ``"cuda"`` when ``torch.cuda.is_available()``, else ``"cpu"``.
 
-    Under the tests' device guard (:mod:`dpo_tutorial.device_guard`) it is the guard's stand-in device,
+    Under the tests' device guard (:mod:`dpo_tutorial.testing.device_guard`) it is the guard's stand-in device,
     so a tensor a cell forgets to move fails there as it would on a GPU.
     """
-    import torch
-
-    from .device_guard import guard_device
-
-    return guard_device() or ("cuda" if torch.cuda.is_available() else "cpu")
+    return _DEVICE_OVERRIDE or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def notebook_dtype(device):
     """The frozen weights' dtype on ``device``: float16 on a GPU (half the memory), float32 on a CPU."""
-    import torch
-
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
@@ -113,23 +114,26 @@ def checkout_root(start: str | None = None):
                  if (p / "pyproject.toml").is_file() and (p / "dpo_tutorial").is_dir()), None)
 
 
+def notebook_folder(name: str) -> str:
+    """Where the notebooks keep the output folder ``name`` (a run, a label set): ``runs/<name>`` at the checkout's
+    root (``make train``'s ``runs/toy`` included), ``$DPO_TUTORIAL_RUNS/<name>`` when that is set, ``runs/<name>``
+    outside a checkout. Fast mode keeps its own ``runs/fast/<name>``: a short CI-sized run never lands where a
+    full one looks, and the reverse."""
+    relative = Path("runs", "fast", name) if fast_mode() else Path("runs", name)
+    root = checkout_root()
+    if root is None or os.environ.get(RUNS_ENV, "").strip():
+        return runs_folder(str(relative))
+    return str(root / relative)
+
+
 def toy_run_dir(name: str = "toy") -> str:
     """The folder of the notebooks' shared toy run ``name`` (``toy``: DPO, ``toy-sft``: the SFT baseline).
 
-    In full mode the DPO run *is* the main job's: ``runs/toy`` at the checkout's root, where ``make train``
-    (the README's first command, the toy preset's ``output_dir``) puts it, so a learner who ran it waits
-    for no training in the notebooks (:func:`dpo_tutorial.rerun.train_or_reuse` reuses a finished run of
-    the same settings, and trains one that is missing, into the same place ``make train`` would reuse).
-    Under ``DPO_TUTORIAL_RUNS`` it is ``$DPO_TUTORIAL_RUNS/<name>``; outside a checkout ``runs/<name>``.
-    In fast mode it is ``runs/notebook-<name>-fast`` beside the notebooks, so a CI-sized run never takes
-    the main job's folder.
+    In full mode the DPO run *is* ``make train``'s: ``runs/toy`` at the checkout's root, so a learner who ran it
+    waits for no training in the notebooks (:func:`dpo_tutorial.train.train_or_reuse` reuses a finished run of
+    the same settings, and trains one that is missing into the same place); see :func:`notebook_folder`.
     """
-    if fast_mode():
-        return runs_folder(f"runs/notebook-{name}-fast")
-    root = checkout_root()
-    if root is None or os.environ.get(RUNS_ENV, "").strip():
-        return runs_folder(f"runs/{name}")
-    return str(root / "runs" / name)
+    return notebook_folder(name)
 
 
 def shared_toy_config():
@@ -139,8 +143,6 @@ def shared_toy_config():
     :func:`toy_run_dir`, without the closing sample grid: the settings of ``make train``'s run, which it
     therefore reuses. Fast mode: 30 steps, and the closing held-out check on 64 pairs (else up to 300: all 297).
     """
-    from .config import get_preset
-
     overrides = notebook_overrides() if notebook_preset() == "toy" else {}
     config = get_preset("toy", **overrides)
     return config.replace(max_steps=budget(config.max_steps, 30), output_dir=toy_run_dir(), sample_grid=False,
@@ -149,19 +151,27 @@ def shared_toy_config():
 
 def notebook_config(**fields):
     """The notebook preset with ``DPO_TUTORIAL_OVERRIDES`` applied, then the notebook's own ``fields``
-    (a notebook that trains into a fresh temporary folder keeps doing so). A relative ``output_dir`` goes
-    under ``DPO_TUTORIAL_RUNS`` when that is set (:func:`runs_folder`)."""
-    from .config import get_preset
-
+    (a notebook that trains into a fresh temporary folder keeps doing so). A relative ``output_dir`` such as the
+    preset's ``runs/sd15`` goes where :func:`notebook_folder` keeps it."""
     config = get_preset(notebook_preset(), **{**notebook_overrides(), **fields})
-    return config.replace(output_dir=runs_folder(config.output_dir))
+    out = Path(config.output_dir)
+    if out.is_absolute():
+        return config
+    return config.replace(output_dir=notebook_folder(str(Path(*out.parts[1:]) if out.parts[:1] == ("runs",) else out)))
+
+
+def notebook_setup():
+    """``(PRESET, DEVICE, DTYPE)``, the three names every notebook starts with (:func:`notebook_preset`,
+    :func:`notebook_device`, :func:`notebook_dtype`), printed with the mode the counts follow."""
+    preset, device = notebook_preset(), notebook_device()
+    mode = "fast (small counts, for tests)" if fast_mode() else "full"
+    print(f"preset: {preset} | device: {device} | mode: {mode}")
+    return preset, device, notebook_dtype(device)
 
 
 def pickscore_source() -> dict:
     """Where PickScore loads from: the hub ids, or ``DPO_TUTORIAL_PICKSCORE`` (one local folder holding a
-    PickScore-format model and processor, e.g. :func:`dpo_tutorial.fixtures.build_tiny_pickscore`)."""
-    from .pickscore import PICKSCORE_MODEL, PICKSCORE_PROCESSOR
-
+    PickScore-format model and processor, e.g. :func:`dpo_tutorial.testing.fixtures.build_tiny_pickscore`)."""
     folder = os.environ.get(PICKSCORE_ENV, "").strip()
     return {"model": folder, "processor": folder} if folder else {"model": PICKSCORE_MODEL,
                                                                   "processor": PICKSCORE_PROCESSOR}

@@ -14,14 +14,17 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from . import files
 
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 
 
 def pickapic_arrow_schema():
     """The pyarrow schema of Pick-a-Pic v2's parquet files (column order as on the hub)."""
-    import pyarrow as pa
-
     s, b, i = pa.string(), pa.bool_(), pa.int64()
     return pa.schema([("are_different", b), ("best_image_uid", s), ("caption", s),
                       ("created_at", pa.timestamp("ns")), ("has_label", b), ("image_0_uid", s),
@@ -38,8 +41,6 @@ def schema_text() -> str:
 
 def encode_image(array: np.ndarray, fmt: str = "JPEG", mode: str | None = None) -> bytes:
     """Encode an ``(H, W, 3)`` uint8 array as image bytes (JPEG quality 95 by default; ``mode`` e.g. 'L')."""
-    from PIL import Image
-
     img = Image.fromarray(array)
     if mode:
         img = img.convert(mode)
@@ -74,14 +75,8 @@ def write_pickapic_parquet(path: str | Path, rows: list[dict]) -> Path:
 
     Written under a temporary name and renamed into place, so a reader never sees half a file.
     """
-    import os
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = files.temporary_name(path)
     pq.write_table(pa.Table.from_pylist(rows, schema=pickapic_arrow_schema()), str(tmp))
-    os.replace(tmp, path)
-    return path
+    return files.replace_file(tmp, path)

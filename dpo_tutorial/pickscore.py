@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
+from transformers import AutoProcessor, CLIPModel
 
 PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -43,8 +45,6 @@ class PickScore:
     def __init__(self, model: str | Path = PICKSCORE_MODEL, processor: str | Path = PICKSCORE_PROCESSOR,
                  device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                  batch_size: int = 16):
-        from transformers import AutoProcessor, CLIPModel
-
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         try:
@@ -68,8 +68,6 @@ class PickScore:
         return np.concatenate(scores) if scores else np.zeros(0)
 
     def _score_batch(self, images: list[np.ndarray], captions: list[str]) -> np.ndarray:
-        from PIL import Image
-
         pil = [Image.fromarray(np.asarray(im, dtype=np.uint8)) for im in images]
         pixels = self.processor(images=pil, return_tensors="pt")["pixel_values"]  # (n, 3, S, S)
         text = self.processor(text=captions, padding=True, truncation=True, return_tensors="pt")

@@ -1,19 +1,16 @@
 """Every figure of the notebooks and of ``figures/`` (``dpo-tutorial figures`` regenerates them)."""
 from __future__ import annotations
 
+import matplotlib.pyplot as plt  # headless machines fall back to the Agg backend by themselves
 import numpy as np
 import torch
 
-
-def _plt():
-    import matplotlib.pyplot as plt  # headless machines fall back to the Agg backend by themselves
-
-    return plt
+from .data import decode_image, pair_order
+from .loss import loss_from_logits
 
 
 def logsigmoid_figure():
     """``-log σ(x)`` (the per-pair loss) and its slope ``σ(-x)`` (the per-pair weight of the gradient)."""
-    plt = _plt()
     x = torch.linspace(-8, 8, 401)
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
     ax[0].plot(x, -torch.nn.functional.logsigmoid(x), color="C0")
@@ -28,7 +25,6 @@ def logsigmoid_figure():
 
 def beta_figure(delta_scale: float, betas=(500, 2000, 5000, 20000)):
     """Loss against ``model_diff - ref_diff`` for several β, on the scale the data actually has."""
-    plt = _plt()
     d = torch.linspace(-4 * delta_scale, 4 * delta_scale, 401)
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for beta in betas:
@@ -42,9 +38,6 @@ def beta_figure(delta_scale: float, betas=(500, 2000, 5000, 20000)):
 
 def loss_variants_figure():
     """The sigmoid (paper), hinge and IPO per-pair losses as functions of the logit."""
-    plt = _plt()
-    from .loss import loss_from_logits
-
     z = torch.linspace(-4, 4, 401)
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for kind in ("sigmoid", "hinge", "ipo"):
@@ -61,7 +54,6 @@ def geometry_figure(eps, pred_w, pred_l, ref_w, ref_l, title: str = "model_diff 
     Arguments are 2-vectors (already projected). ``model_diff = |pred_w-ε|² - |pred_l-ε|²`` and the same
     for the reference; the loss pushes the policy's winner prediction toward ε and its loser's away.
     """
-    plt = _plt()
     pts = {"ε (true noise)": (eps, "k", "*"), "policy, winner": (pred_w, "C2", "o"), "policy, loser": (pred_l, "C3", "o"),
            "reference, winner": (ref_w, "C2", "s"), "reference, loser": (ref_l, "C3", "s")}
     fig, ax = plt.subplots(figsize=(5, 4.5))
@@ -90,7 +82,6 @@ def pair_errors_figure(ref_w, ref_l, policy_w, policy_l, title: str = "each pair
     *relative to* the loser, which is what the loss rewards, even when both errors grew (arrows up and
     right). No projection: every coordinate is a true value.
     """
-    plt = _plt()
     ref_w, ref_l, policy_w, policy_l = (np.asarray(v, float) for v in (ref_w, ref_l, policy_w, policy_l))
     better = (policy_w - policy_l) < (ref_w - ref_l)  # model_diff < ref_diff: the direction the loss pushes
     fig, ax = plt.subplots(figsize=(5.2, 4.8))
@@ -124,7 +115,6 @@ def spread_figure(shared: np.ndarray, independent: np.ndarray):
     into a single bar: the left panel spans the independent estimates' 1st-99th percentiles, the right one
     zooms on the shared estimates' 0.5th-99.5th.
     """
-    plt = _plt()
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.4))
     panels = [(_clipped_bins(independent, 1, 99), "both, on the independent estimates' scale"),
               (_clipped_bins(shared, 0.5, 99.5), "zoomed on the shared estimates")]
@@ -164,7 +154,6 @@ def _raw_and_smoothed(ax, steps, values, color: str, label: str = "") -> None:
 def training_figure(history):
     """Loss, implicit accuracy, reward margin and raw MSEs of a :class:`History`: each step faint, the
     moving average over 1/20 of the run bold (one batch's value is mostly noise)."""
-    plt = _plt()
     steps = history["step"]
     window = max(1, len(steps) // 20) | 1
     fig, ax = plt.subplots(1, 4, figsize=(14, 3.2))
@@ -189,9 +178,24 @@ def training_figure(history):
     return fig
 
 
+def denoising_error_figure(history):
+    """The policy's and the reference's denoising error over a run, winners and losers apart (each step faint, a
+    moving average bold): DPO widens the gap between winners and losers relative to the reference, and both of the
+    policy's errors may grow while it does."""
+    steps = history["step"]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.2), sharey=True)
+    for a, side, name in ((ax[0], "w", "winners"), (ax[1], "l", "losers")):
+        _raw_and_smoothed(a, steps, history[f"model_mse_{side}"], "C2" if side == "w" else "C3", "policy (LoRA on)")
+        _raw_and_smoothed(a, steps, history[f"ref_mse_{side}"], "C7", "reference (LoRA off)")
+        a.set(title=f"{name}: per-element error on the step's batch", xlabel="step")
+        a.legend(fontsize=8)
+    ax[0].set_ylabel("MSE")
+    fig.tight_layout()
+    return fig
+
+
 def grid_figure(base: np.ndarray, dpo: np.ndarray, captions: list[str], base_scores=None, dpo_scores=None):
     """Base (top) vs DPO (bottom) images for the same captions and seeds, with judge scores if given."""
-    plt = _plt()
     n = len(captions)
     fig, ax = plt.subplots(2, n, figsize=(1.5 * n, 3.6), squeeze=False)
     for i in range(n):
@@ -209,9 +213,6 @@ def grid_figure(base: np.ndarray, dpo: np.ndarray, captions: list[str], base_sco
 
 def pairs_figure(rows: list[dict], max_pairs: int = 6):
     """Pick-a-Pic rows as a grid: ``jpg_0`` left, ``jpg_1`` right, the preferred image framed in green."""
-    from .data import decode_image, pair_order
-
-    plt = _plt()
     rows = rows[:max_pairs]
     fig, ax = plt.subplots(len(rows), 2, figsize=(3.2, 1.6 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
@@ -232,7 +233,6 @@ def pairs_figure(rows: list[dict], max_pairs: int = 6):
 
 def batch_figure(pixel_values: torch.Tensor, captions: list[str]):
     """A winners-then-losers batch ``(2B, 3, H, W)`` in its real order, each image tagged with its role."""
-    plt = _plt()
     n = pixel_values.shape[0]
     half = n // 2
     fig, ax = plt.subplots(1, n, figsize=(1.7 * n, 2.2), squeeze=False)
@@ -249,7 +249,6 @@ def batch_figure(pixel_values: torch.Tensor, captions: list[str]):
 def taste_shift_figure(shift, columns: int = 8):
     """A :class:`~dpo_tutorial.toy.your_taste.TasteShift`: base (top) and DPO (middle) images for the same captions
     and seeds, each titled with its taste score, and the score's distribution before and after (bottom)."""
-    plt = _plt()
     per_caption = len(shift.captions) // 12
     idx = [i * per_caption for i in range(min(columns, 12))]  # the first prompt of each of the first captions
     fig = plt.figure(figsize=(1.3 * len(idx), 5.6))
@@ -282,7 +281,6 @@ def taste_shift_figure(shift, columns: int = 8):
 def labels_curve_figure(rows_by_seed: dict):
     """Win-rate (with its 95% interval) against the number of labelled pairs, one line per seed;
     ``rows_by_seed`` maps a seed to :func:`~dpo_tutorial.toy.your_taste.labels_curve`'s rows."""
-    plt = _plt()
     fig, ax = plt.subplots(figsize=(5.5, 3.4))
     for k, (seed, rows) in enumerate(rows_by_seed.items()):
         n = np.array([r["labels"] for r in rows]) * (1 + 0.03 * (k - 1))  # a small offset keeps bars apart

@@ -1,19 +1,20 @@
-"""Images with and without the DPO LoRA, for the same captions and seeds."""
+"""Images with and without the DPO LoRA, for the same captions and seeds; the grids that show them."""
 from __future__ import annotations
 
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from PIL import Image, ImageDraw, ImageFont
 
+from . import files
 from .models import DiffusionParts, reference_mode
 
 
 def make_pipeline(parts: DiffusionParts, unet: torch.nn.Module | None = None):
     """A diffusers text-to-image pipeline assembled from already-loaded parts (no reload)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
     unet = unet if unet is not None else parts.unet
     if parts.is_sdxl:
         pipe = StableDiffusionXLPipeline(vae=parts.vae, text_encoder=parts.text_encoders[0],
@@ -33,8 +34,6 @@ def load_pipeline(pretrained: str | Path, device: str | torch.device | None = No
     float32 on CPU (the toy ships fp16 weights), float16 on a GPU, where the VAE also decodes one image at
     a time (8 decoded 512-px images at once would take ~8 GB of a 16 GB card).
     """
-    from diffusers import StableDiffusionPipeline
-
     device = torch.device(device or "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     pipe = StableDiffusionPipeline.from_pretrained(str(pretrained), **dtype_kwarg(dtype), safety_checker=None,
@@ -47,8 +46,6 @@ def load_pipeline(pretrained: str | Path, device: str | torch.device | None = No
 
 def dtype_kwarg(dtype: torch.dtype) -> dict:
     """``{"dtype": dtype}`` for diffusers >= 0.40, which deprecates ``torch_dtype``; ``{"torch_dtype": ...}`` before."""
-    from importlib.metadata import version
-
     major, minor = (int(part) for part in version("diffusers").split(".")[:2])
     return {"dtype": dtype} if (major, minor) >= (0, 40) else {"torch_dtype": dtype}
 
@@ -129,3 +126,17 @@ def labelled_grid(rows: list[np.ndarray], row_labels: list[str], captions: list[
     for r, label in enumerate(row_labels):
         draw.text((left - 6, top + pad * scale + r * step_y + h / 2), label, fill="black", font=font, anchor="rm")
     return canvas
+
+
+def write_sample_grid(parts: DiffusionParts, unet, captions: list[str], path: str | Path, steps: int,
+                      guidance_scale: float, resolution: int) -> Path:
+    """A run's closing picture: up to 4 distinct ``captions`` (seeds 0, 1, ...) drawn by the base model (top row,
+    LoRA off) and by the trained LoRA (bottom row), saved as a labelled PNG at ``path``."""
+    unet.eval()
+    caps = list(dict.fromkeys(captions))[:4]
+    base, dpo = generate_with_and_without_lora(make_pipeline(parts, unet), caps, list(range(len(caps))),
+                                               steps=steps, guidance_scale=guidance_scale, resolution=resolution)
+    grid = labelled_grid([base, dpo], ["base", "DPO"], caps, scale=max(1, 128 // resolution))
+    tmp = files.temporary_name(Path(path))
+    grid.save(tmp, format="PNG")
+    return files.replace_file(tmp, path)

@@ -49,6 +49,11 @@ class EncodedBatch:
         added = None if self.added_cond is None else {k: v[:b] for k, v in self.added_cond.items()}
         return EncodedBatch(self.latents[:b], self.prompt_embeds[:b], added)
 
+    def to(self, dtype: torch.dtype) -> "EncodedBatch":
+        """Everything cast to ``dtype`` (a model's weights' dtype: a frozen copy kept in bf16, say)."""
+        added = None if self.added_cond is None else {k: v.to(dtype) for k, v in self.added_cond.items()}
+        return EncodedBatch(self.latents.to(dtype), self.prompt_embeds.to(dtype), added)
+
 
 def unet_forward(unet, noisy: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor,
                  added_cond: dict | None) -> torch.Tensor:
@@ -133,8 +138,9 @@ def dpo_step(parts: DiffusionParts, unet, batch: dict, beta: float, loss_type: s
         return sft_loss(model_pred_w, target_w)  # (B, C, h, w) each: the winners' rows only
     model_pred, target = noisy_prediction(parts, unet, encoded, noise, timesteps)
     with torch.no_grad():
-        if ref_unet is not None:
-            ref_pred, _ = noisy_prediction(parts, ref_unet, encoded, noise, timesteps)
+        if ref_unet is not None:  # a frozen copy in its own dtype (bf16 under mixed precision), run without autocast
+            ref_dtype = next(ref_unet.parameters()).dtype
+            ref_pred, _ = noisy_prediction(parts, ref_unet, encoded.to(ref_dtype), noise.to(ref_dtype), timesteps)
         else:
             with reference_mode(base):
                 ref_pred, _ = noisy_prediction(parts, base, encoded, noise, timesteps)

@@ -8,7 +8,10 @@ becomes exactly one token. Unknown words still tokenize (into characters), as wi
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+from transformers import CLIPTokenizer
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -61,10 +64,6 @@ def build_clip_tokenizer(words: list[str], out_dir: str | Path, model_max_length
     offline with any transformers version. ``model_max_length`` plays the role of SD's 77-token limit.
     Returns the loaded tokenizer.
     """
-    import json
-
-    from transformers import CLIPTokenizer
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     vocab, merges = clip_vocab_and_merges(words)

@@ -16,8 +16,9 @@ os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1)
 if torch.get_num_threads() != int(os.environ["OMP_NUM_THREADS"]):  # the call costs MKL its dynamic threading
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-from dpo_tutorial.fixtures import build_tiny_pipeline  # noqa: E402
+from dpo_tutorial.config import TrainConfig  # noqa: E402
 from dpo_tutorial.pickapic import encode_image, pickapic_row, write_pickapic_parquet  # noqa: E402
+from dpo_tutorial.testing.fixtures import build_tiny_pipeline  # noqa: E402
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
 
@@ -74,3 +75,30 @@ def sdxl_dir(tmp_path_factory):
 def pairs_parquet(tmp_path_factory):
     """A Pick-a-Pic v2 parquet: 12 good pairs, 1 tie, 1 corrupt JPEG, grayscale/CMYK/PNG, mixed sizes."""
     return write_pickapic_parquet(tmp_path_factory.mktemp("pickapic") / "train.parquet", make_rows())
+
+
+def tiny_config(pipe, data, out, **kw) -> TrainConfig:
+    """A run of a few steps on a tiny stand-in pipeline: 32 px, 2 pairs a step, rank 4, constant lr, no grid."""
+    return TrainConfig(**{**dict(pretrained=str(pipe), dataset=str(data), output_dir=str(out), resolution=32,
+                                 batch_size=2, max_steps=2, lr=1e-3, beta=500.0, rank=4, sample_grid=False), **kw})
+
+
+@pytest.fixture(scope="session")
+def finished_run(sd_dir, pairs_parquet, tmp_path_factory):
+    """A finished 3-step run with checkpoints 1, 2, 3, trained once per test session; tests that change it take a
+    copy (``run_copy``)."""
+    from dpo_tutorial.train import train
+
+    out = tmp_path_factory.mktemp("finished-run")
+    train(tiny_config(sd_dir, pairs_parquet, out, max_steps=3, checkpoint_every=1))
+    return out
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path):
+    """A copy of ``finished_run`` (its lock file left behind) that a test may damage or continue."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out, ignore=shutil.ignore_patterns(".lock"))
+    return out

@@ -1,6 +1,10 @@
-"""The latent cache: same losses as training from images, and a cache for another setup is refused."""
+"""The latent cache: same losses as training from images, a cache for another setup refused, a damaged one one line."""
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
+import torch
 
 from dpo_tutorial.cache import AUTO_CACHE_MAX_BYTES, auto_cache, auto_cache_skip_reason, build_cache, check_cache
 from dpo_tutorial.cli import main
@@ -100,3 +104,116 @@ def test_when_a_run_reads_images_instead_of_building_a_cache(sd_dir, pairs_parqu
     for change, reason in cases:
         assert reason in auto_cache_skip_reason(c.replace(**change), 18, 1000)
     assert "would take" in auto_cache_skip_reason(c, 18, AUTO_CACHE_MAX_BYTES // 10)
+
+
+# ------------------------------------------------------------------ a cache is checked when read back
+@pytest.fixture(scope="module")
+def built_cache(sd_dir, pairs_parquet, tmp_path_factory):
+    """A cache of the 17-row test parquet, 5 rows per shard (4 shards), both orientations."""
+    out = tmp_path_factory.mktemp("cache")
+    build_cache(cfg(sd_dir, pairs_parquet, "unused"), out / "c", shard_size=5)
+    return out / "c"
+
+
+@pytest.fixture
+def cache_copy(built_cache, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(built_cache, tmp_path / "c"))
+
+
+def test_a_cache_for_other_data_or_another_split_is_refused_naming_both(sd_dir, pairs_parquet, built_cache, tmp_path,
+                                                                         capsys):
+    other = write_pickapic_parquet(tmp_path / "other.parquet", make_rows(4))
+    common = ["train", "--pretrained", str(sd_dir), "--resolution", "32", "--cache", str(built_cache),
+              "--output-dir", str(tmp_path / "r"), "--max-steps", "1"]
+    assert main([*common, "--dataset", str(other)]) == 2
+    line = capsys.readouterr().err.strip()
+    assert f"dataset: cache '{pairs_parquet}' vs run '{other}'" in line and len(line.splitlines()) == 1
+    assert main([*common, "--dataset", str(pairs_parquet), "--split", "validation"]) == 2
+    assert "split: cache 'train' vs run 'validation'" in capsys.readouterr().err
+
+
+def test_the_cache_encodes_images_in_chunks_of_the_vae_batch_with_the_same_latents(sd_dir, pairs_parquet, tmp_path):
+    """Rows are read 64 at a time (x 2 images x 2 flips = 256 images); the VAE must see at most
+    vae_encode_batch_size of them per call (256 at 512 px would not fit a 16 GB GPU)."""
+    from safetensors.torch import load_file
+
+    from dpo_tutorial.models import load_parts
+
+    parts = load_parts(str(sd_dir))
+    sizes, real = [], parts.vae.encode
+    parts.vae.encode = lambda x, *a, **k: (sizes.append(x.shape[0]), real(x, *a, **k))[1]
+    build_cache(cfg(sd_dir, pairs_parquet, "unused", vae_encode_batch_size=3), tmp_path / "small", parts=parts)
+    assert sizes and max(sizes) == 3 and sum(sizes) == 17 * 2 * 2
+    sizes.clear()
+    build_cache(cfg(sd_dir, pairs_parquet, "unused", vae_encode_batch_size=100), tmp_path / "big", parts=parts)
+    assert sizes == [68]
+    small, big = load_file(str(tmp_path / "small" / "shard-00000.safetensors")), load_file(
+        str(tmp_path / "big" / "shard-00000.safetensors"))
+    for name in ("mean", "std"):
+        torch.testing.assert_close(small[name], big[name], rtol=0, atol=0)
+
+
+def _damage(cache_dir: Path, kind: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    shard = cache_dir / "shard-00001.safetensors"
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    if kind == "small latents":  # 2x2 where the model makes 16x16: shards and manifest agree, the model does not
+        for path in cache_dir.glob("shard-*.safetensors"):
+            t = load_file(str(path))
+            save_file({**t, "mean": t["mean"][..., :2, :2].contiguous(), "std": t["std"][..., :2, :2].contiguous()},
+                      str(path))
+        manifest["latent_shape"] = [4, 2, 2]
+    elif kind == "shard shape":
+        t = load_file(str(shard))
+        save_file({**t, "mean": t["mean"][..., :2, :2].contiguous()}, str(shard))
+    elif kind == "cut manifest":
+        (cache_dir / "manifest.json").write_text(json.dumps(manifest)[:100])
+        return
+    elif kind == "more rows":
+        manifest["num_rows"] += 10
+        manifest["label_0"] += [1.0] * 10
+    elif kind == "shard size 0":
+        manifest["shard_size"] = 0
+    elif kind == "truncated shard":
+        shard.write_bytes(shard.read_bytes()[:200])
+    elif kind == "nan latents":
+        t = load_file(str(shard))
+        save_file({**t, "mean": t["mean"] * float("nan")}, str(shard))
+    elif kind == "caption id":
+        t = load_file(str(shard))
+        save_file({**t, "caption_id": t["caption_id"] + 1000}, str(shard))
+    (cache_dir / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("small latents", "latent shape: cache (4, 2, 2) vs the model's (4, 16, 16)"),
+    ("shard shape", "shard-00001.safetensors: mean is (5, 2, 2, 4, 2, 2)"),
+    ("cut manifest", "manifest.json is damaged"),
+    ("more rows", "needs 6"),
+    ("shard size 0", "do not fit together"),
+    ("truncated shard", "shard-00001.safetensors is damaged"),
+    ("nan latents", "shard-00001.safetensors holds non-finite latents"),
+    ("caption id", "caption ids outside"),
+])
+def test_a_damaged_cache_is_one_line_naming_the_file(kind, message, sd_dir, pairs_parquet, cache_copy, tmp_path, capsys):
+    _damage(cache_copy, kind)
+    assert main(["train", "--pretrained", str(sd_dir), "--dataset", str(pairs_parquet), "--resolution", "32",
+                 "--cache", str(cache_copy), "--output-dir", str(tmp_path / "r"), "--max-steps", "1", "--rank", "4",
+                 "--no-sample-grid"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0], err
+
+
+@pytest.mark.slow
+def test_a_runs_own_damaged_cache_is_rebuilt_when_it_resumes(sd_dir, pairs_parquet, tmp_path):
+    config = cfg(sd_dir, pairs_parquet, tmp_path / "run", max_steps=10, checkpoint_every=5, lr_scheduler="constant")
+    first = train(config.replace(max_steps=5))  # 5 x 4 pairs > 2 x 17 encodings: the run builds its own cache
+    folder = tmp_path / "run" / "latent-cache"
+    assert (folder / "manifest.json").exists() and len(first) == 5
+    _damage(folder, "nan latents")
+    resumed = train(config.replace(resume="latest"))
+    assert [r["step"] for r in resumed.records] == list(range(1, 11))
+    check_cache(folder, config)  # rebuilt: passes every check again

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dpo_tutorial.device_guard import CrossDeviceError, DeviceGuard, GuardDevice, tag_of
+from dpo_tutorial.testing.device_guard import CrossDeviceError, DeviceGuard, GuardDevice, tag_of
 
 
 @pytest.fixture

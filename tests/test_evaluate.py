@@ -25,11 +25,20 @@ def test_win_rate_splits_ties_and_gives_a_normal_interval():
         win_rate([1.0], [1.0, 2.0])
 
 
-def test_implicit_accuracy_is_exactly_half_at_lora_init(sd_dir, pairs_parquet):
+def test_implicit_accuracy_reads_the_policy_against_the_reference(sd_dir, pairs_parquet):
+    """0.5 exactly at a zero-initialised LoRA; once the LoRA moves, the 15 scored pairs' logits are non-zero, so the
+    accuracy (a multiple of 1/15) leaves 0.5. Were the reference the policy itself, every logit would stay 0 and the
+    accuracy 0.5 whatever the LoRA."""
     parts = load_parts(str(sd_dir))
-    add_lora(parts.unet, rank=4, init_seed=0)
-    acc = implicit_reward_accuracy(parts, parts.unet, load_pickapic(str(pairs_parquet)), 32, num_draws=2)
-    assert acc == 0.5
+    params = add_lora(parts.unet, rank=4, init_seed=0)
+    pairs = load_pickapic(str(pairs_parquet))
+    assert implicit_reward_accuracy(parts, parts.unet, pairs, 32, num_draws=2) == 0.5
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.2 * torch.randn_like(p))
+    acc, scored = implicit_reward_accuracy(parts, parts.unet, pairs, 32, num_draws=2, return_count=True)
+    assert scored == 15 and acc != 0.5 and round(acc * 15, 6) == round(acc * 15)
 
 
 def test_evaluate_returns_well_formed_numbers(sd_dir, pairs_parquet, tmp_path, monkeypatch):
@@ -60,10 +69,11 @@ def test_evaluate_returns_well_formed_numbers(sd_dir, pairs_parquet, tmp_path, m
 
     # a second evaluation on the same captions and seeds reuses the base images and gives the same numbers
     called = []
-    import dpo_tutorial.sample as sample
+    import dpo_tutorial.evaluate as evaluate_module
 
-    original = sample.generate_with_and_without_lora
-    monkeypatch.setattr(sample, "generate_with_and_without_lora", lambda *a, **k: called.append(1) or original(*a, **k))
+    original = evaluate_module.generate_with_and_without_lora
+    monkeypatch.setattr(evaluate_module, "generate_with_and_without_lora",
+                        lambda *a, **k: called.append(1) or original(*a, **k))
     again, reused = evaluate(str(sd_dir), tmp_path, captions, list(range(8)), red, correct, steps=2,
                              base_samples=samples)
     monkeypatch.undo()
@@ -85,7 +95,7 @@ def _parts_with_lora(sd_dir, lora_dir):
 
 @pytest.fixture(scope="module")
 def pickscore_dir(tmp_path_factory):
-    from dpo_tutorial.fixtures import build_tiny_pickscore
+    from dpo_tutorial.testing.fixtures import build_tiny_pickscore
 
     return build_tiny_pickscore(tmp_path_factory.mktemp("pickscore"))
 

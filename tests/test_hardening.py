@@ -14,19 +14,18 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import make_rows, solid
+from conftest import make_rows, solid, tiny_config
 from dpo_tutorial import checkpoint as ckpt
 from dpo_tutorial.cli import main
-from dpo_tutorial.config import ConfigError, TrainConfig
+from dpo_tutorial.config import ConfigError
 from dpo_tutorial.data import DataError, PairStream, PairTransform, SkipRow, decode_image, load_pickapic
 from dpo_tutorial.pickapic import encode_image, pickapic_row, write_pickapic_parquet
 from dpo_tutorial.run_dir import config_differences
-from dpo_tutorial.train import History, train
+from dpo_tutorial.run_dir import History
+from dpo_tutorial.train import train
 
 
-def cfg(pipe, data, out, **kw):
-    return TrainConfig(**{**dict(pretrained=str(pipe), dataset=str(data), output_dir=str(out), resolution=32,
-                                 batch_size=2, max_steps=2, lr=1e-3, beta=500.0, rank=4, sample_grid=False), **kw})
+cfg = tiny_config
 
 
 @contextmanager
@@ -66,23 +65,6 @@ class _Payload:
 
     def __reduce__(self):
         return os.mkdir, (str(self.marker),)
-
-
-@pytest.fixture(scope="module")
-def two_step_run(sd_dir, pairs_parquet, tmp_path_factory):
-    """A finished 3-step run with checkpoints 1, 2, 3 (copied before each test that damages it)."""
-    out = tmp_path_factory.mktemp("run3")
-    train(cfg(sd_dir, pairs_parquet, out, max_steps=3, checkpoint_every=1))
-    return out
-
-
-@pytest.fixture
-def run_copy(two_step_run, tmp_path):
-    import shutil
-
-    out = tmp_path / "run"
-    shutil.copytree(two_step_run, out, ignore=shutil.ignore_patterns(".lock"))
-    return out
 
 
 def test_checkpoint_holding_a_pickled_callable_is_refused_unexecuted(sd_dir, pairs_parquet, run_copy, tmp_path,
@@ -251,7 +233,7 @@ def test_evaluate_rejects_zero_counts(flag, tmp_path, capsys):
 
 def test_evaluate_rejects_a_lora_of_another_model(sd_dir, tmp_path, capsys):
     from dpo_tutorial.models import add_lora, load_parts
-    from dpo_tutorial.train import export_lora
+    from dpo_tutorial.models import export_lora
 
     parts = load_parts(str(sd_dir))  # the test fixture's tiny SD, not the toy pipeline evaluate uses
     add_lora(parts.unet, 4)
@@ -275,6 +257,7 @@ def test_torn_last_history_line_is_dropped(tail, sd_dir, pairs_parquet, run_copy
     else:  # ...and a fresh run into a folder holding only a torn history starts
         fresh = tmp_path / "fresh"
         fresh.mkdir()
+        (fresh / ".dpo-tutorial").write_text("run\n")  # a run of ours, killed before its first checkpoint
         (fresh / "history.jsonl").write_text('{"step": 1}\n' + tail)
         assert [r["step"] for r in train(cfg(sd_dir, pairs_parquet, fresh, max_steps=1)).records] == [1]
 
@@ -301,7 +284,7 @@ def test_cut_lora_export_never_looks_finished(sd_dir, tmp_path, monkeypatch):
     from diffusers import StableDiffusionPipeline
 
     from dpo_tutorial.models import add_lora, load_parts
-    from dpo_tutorial.train import export_lora
+    from dpo_tutorial.models import export_lora
 
     parts = load_parts(str(sd_dir))
     add_lora(parts.unet, 4)
@@ -322,6 +305,7 @@ def test_cut_cache_build_never_looks_finished(sd_dir, pairs_parquet, tmp_path, m
 
     out = tmp_path / "cache"
     out.mkdir()
+    (out / ".dpo-tutorial").write_text("cache\n")
     (out / "manifest.json").write_text(json.dumps({"version": cache.CACHE_VERSION}))  # an older build's
     calls = []
 

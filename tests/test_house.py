@@ -1,4 +1,4 @@
-"""House rules that a reader relies on: no module reaches into another's private names."""
+"""House rules that a reader relies on: no private names across modules, imports at the top, test support apart."""
 import ast
 import json
 from pathlib import Path
@@ -49,7 +49,8 @@ def test_the_package_loaders_raise_no_warnings_and_drop_only_known_notices(tmp_p
     import logging
     import warnings
 
-    from dpo_tutorial.models import KNOWN_NOTICES, load_parts
+    from dpo_tutorial.models import load_parts
+    from dpo_tutorial.notices import KNOWN_NOTICES
     from dpo_tutorial.sample import load_pipeline
 
     with warnings.catch_warnings(record=True) as caught:
@@ -70,7 +71,7 @@ def test_a_fresh_process_loading_a_pipeline_with_a_lora_prints_no_known_notice(s
     import sys
 
     from dpo_tutorial.config import TrainConfig
-    from dpo_tutorial.models import KNOWN_NOTICES
+    from dpo_tutorial.notices import KNOWN_NOTICES
     from dpo_tutorial.train import train
 
     train(TrainConfig(pretrained=str(sd_dir), dataset=str(pairs_parquet), output_dir=str(tmp_path), resolution=32,
@@ -81,3 +82,61 @@ def test_a_fresh_process_loading_a_pipeline_with_a_lora_prints_no_known_notice(s
     assert done.returncode == 0, done.stderr[-2000:]
     shown = [fragment for _, fragment in KNOWN_NOTICES if fragment in done.stdout + done.stderr]
     assert shown == []
+
+
+PRODUCT = [p for p in (ROOT / "dpo_tutorial").rglob("*.py") if "testing" not in p.relative_to(ROOT).parts]
+OPTIONAL = {"ipywidgets", "bitsandbytes"}  # imported where used: a run needs neither
+
+
+def _local_imports(path: Path) -> list[str]:
+    """Modules a file imports inside functions (``name`` of ``import name`` / ``from name import x``)."""
+    tree = ast.parse(path.read_text())
+    found = []
+    for func in ast.walk(tree):
+        if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for node in ast.walk(func):
+                if isinstance(node, ast.Import):
+                    found += [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    found.append("." * node.level + (node.module or ""))
+    return found
+
+
+def test_imports_sit_at_the_top_except_the_optional_ones():
+    """The real import graph is visible at the top of each module; only optional dependencies are imported where
+    they are used (a learner without them can still import and train)."""
+    offenders = {p.relative_to(ROOT).as_posix(): names for p in PRODUCT
+                 if (names := [n for n in _local_imports(p) if n.split(".")[0] not in OPTIONAL])}
+    assert offenders == {}
+
+
+def test_the_local_import_check_can_fail(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    import json\n    from .data import load_pickapic\n    import ipywidgets\n")
+    assert _local_imports(bad) == ["json", ".data", "ipywidgets"]
+
+
+def test_a_run_never_imports_the_test_support():
+    """``dpo_tutorial.testing`` (stand-in pipelines, the device guard) is not part of what a run or a notebook loads."""
+    import subprocess
+    import sys
+
+    static = [p.relative_to(ROOT).as_posix() for p in PRODUCT
+              if any("testing" in (n or "") for n in _local_imports(p) + _top_imports(p))]
+    assert static == []
+    code = ("import sys, dpo_tutorial.cli, dpo_tutorial.notebook_env, dpo_tutorial.toy.labelling, "
+            "dpo_tutorial.toy.your_taste; print(sorted(m for m in sys.modules if 'testing' in m.split('.')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
+def _top_imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    names = []
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names.append("." * node.level + (node.module or ""))
+    return names

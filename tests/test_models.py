@@ -68,7 +68,7 @@ def test_sdxl_step_uses_each_images_real_size_and_crop(sdxl_dir, pairs_parquet):
 
 
 def test_v_prediction_target_matches_formula(tmp_path):
-    from dpo_tutorial.fixtures import build_tiny_pipeline
+    from dpo_tutorial.testing.fixtures import build_tiny_pipeline
 
     parts = load_parts(str(build_tiny_pipeline(tmp_path / "v", prediction_type="v_prediction")))
     assert parts.prediction_type == "v_prediction"
@@ -93,7 +93,7 @@ def test_missing_folder_and_offline_hub_id_errors(tmp_path):
 
 
 def test_a_512_px_stand_in_has_sds_8x_latents(tmp_path):
-    from dpo_tutorial.fixtures import build_tiny_pipeline
+    from dpo_tutorial.testing.fixtures import build_tiny_pipeline
     from dpo_tutorial.models import encode_images, load_parts
 
     parts = load_parts(str(build_tiny_pipeline(tmp_path / "p", resolution=64, latent_factor=8)))

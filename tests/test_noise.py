@@ -22,10 +22,14 @@ def test_shared_timesteps_pairs_match():
     assert len(set(t[:64].tolist())) > 50  # pairs draw different timesteps
 
 
-def test_same_generator_seed_same_draw():
-    a = shared_timesteps(4, 10, generator=torch.Generator().manual_seed(3))
-    b = shared_timesteps(4, 10, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(a, b)
+def test_the_draws_come_from_the_given_generator_and_only_b_samples_are_drawn():
+    """Pinned against an independent draw: B noises (not 2B) and B timesteps from the generator, in that order."""
+    latents = torch.zeros(6, 4, 3, 3)
+    noise = shared_noise(latents, torch.Generator().manual_seed(7))
+    torch.testing.assert_close(noise[:3], torch.randn(3, 4, 3, 3, generator=torch.Generator().manual_seed(7)),
+                               rtol=0, atol=0)
+    t = shared_timesteps(3, 1000, generator=torch.Generator().manual_seed(7))
+    assert t[:3].tolist() == torch.randint(0, 1000, (3,), generator=torch.Generator().manual_seed(7)).tolist()
 
 
 def test_odd_batch_rejected():

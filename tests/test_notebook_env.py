@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dpo_tutorial.device_guard import GuardDevice
+from dpo_tutorial.testing.device_guard import GuardDevice
 from dpo_tutorial.evaluate import eval_batch_pairs
 from dpo_tutorial.notebook_env import (checkout_root, notebook_config, notebook_device, notebook_dtype, runs_folder,
                                       shared_toy_config, toy_run_dir)
@@ -33,7 +33,7 @@ def _fake_checkout(tmp_path):
     return root
 
 
-def test_the_shared_toy_run_is_the_main_jobs_folder_in_full_mode_only(monkeypatch, tmp_path):
+def test_the_shared_toy_run_is_make_trains_folder_in_full_mode_only(monkeypatch, tmp_path):
     root = _fake_checkout(tmp_path)
     monkeypatch.chdir(root / "notebooks")
     for name in ("DPO_TUTORIAL_RUNS", "DPO_TUTORIAL_FAST"):
@@ -41,8 +41,8 @@ def test_the_shared_toy_run_is_the_main_jobs_folder_in_full_mode_only(monkeypatc
     assert checkout_root() == root.resolve()
     assert toy_run_dir() == str(root.resolve() / "runs" / "toy")  # where `make train` (run at the root) writes
     assert toy_run_dir("toy-sft") == str(root.resolve() / "runs" / "toy-sft")
-    monkeypatch.setenv("DPO_TUTORIAL_FAST", "1")  # a 30-step CI run must never take the main job's folder
-    assert toy_run_dir() == "runs/notebook-toy-fast"
+    monkeypatch.setenv("DPO_TUTORIAL_FAST", "1")  # a 30-step CI run must never take the full run's folder
+    assert toy_run_dir() == str(root.resolve() / "runs" / "fast" / "toy")
     monkeypatch.delenv("DPO_TUTORIAL_FAST")
     monkeypatch.setenv("DPO_TUTORIAL_RUNS", str(tmp_path / "drive"))
     assert toy_run_dir() == str(tmp_path / "drive" / "toy")
@@ -57,8 +57,7 @@ def test_make_trains_run_is_the_notebooks_shared_run(monkeypatch, tmp_path):
     """`make train` (the CLI with no flags, run at the checkout's root) and the notebooks' shared toy run have
     the same settings and folder, so a finished `make train` run is reused by 03/04/06/07, not retrained."""
     from dpo_tutorial.cli import build_parser, config_from_args
-    from dpo_tutorial.rerun import SAME_RUN_MAY_CHANGE
-    from dpo_tutorial.run_dir import config_differences
+    from dpo_tutorial.run_dir import resume_differences
 
     root = _fake_checkout(tmp_path)
     for name in ("DPO_TUTORIAL_RUNS", "DPO_TUTORIAL_FAST", "DPO_TUTORIAL_OVERRIDES", "DPO_TUTORIAL_PRESET"):
@@ -69,10 +68,11 @@ def test_make_trains_run_is_the_notebooks_shared_run(monkeypatch, tmp_path):
     monkeypatch.chdir(root / "notebooks")
     notebook = shared_toy_config()  # as notebooks 03, 04, 06, 07 and the solutions build it
     assert notebook.output_dir == saved["output_dir"] and notebook.max_steps == cli.max_steps
-    assert config_differences(saved, notebook, SAME_RUN_MAY_CHANGE) == []
+    assert resume_differences({"step": cli.max_steps, "config": saved}, notebook) == []
     monkeypatch.setenv("DPO_TUTORIAL_FAST", "1")  # CI's short run: its own folder, 30 steps, a 64-pair check
     fast = shared_toy_config()
-    assert (fast.output_dir, fast.max_steps, fast.heldout_pairs) == ("runs/notebook-toy-fast", 30, 64)
+    assert (fast.output_dir, fast.max_steps, fast.heldout_pairs) == (str(root.resolve() / "runs" / "fast" / "toy"),
+                                                                     30, 64)
     assert fast.replace(max_steps=cli.max_steps, heldout_pairs=cli.heldout_pairs, sample_grid=True,
                         output_dir=cli.output_dir) == cli
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from dpo_tutorial.fixtures import build_tiny_pickscore
+from dpo_tutorial.testing.fixtures import build_tiny_pickscore
 from dpo_tutorial.pickapic import write_pickapic_parquet
 from conftest import make_rows
 
@@ -43,7 +43,7 @@ def sd15_env(tmp_path_factory, sd_dir):
     startup.mkdir(parents=True)
     (startup / "00-no-stream-sleep.py").write_text(
         "import datasets.config\ndatasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0\n")
-    (startup / "01-device-guard.py").write_text("from dpo_tutorial.device_guard import install\ninstall()\n")
+    (startup / "01-device-guard.py").write_text("from dpo_tutorial.testing.device_guard import install\ninstall()\n")
     return {"DPO_TUTORIAL_PRESET": "sd15", "DPO_TUTORIAL_FAST": "1",
             "DPO_TUTORIAL_OVERRIDES": json.dumps(overrides),
             "DPO_TUTORIAL_PICKSCORE": str(build_tiny_pickscore(root / "pickscore")),

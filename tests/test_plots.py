@@ -6,7 +6,7 @@ import torch
 
 from dpo_tutorial import plots
 from dpo_tutorial.sample import image_grid, labelled_grid
-from dpo_tutorial.train import History
+from dpo_tutorial.run_dir import History
 
 
 def test_smooth_keeps_length_and_level_and_removes_noise():

@@ -1,8 +1,8 @@
 """The background prefetcher: the same batches in the same order, exact resume state, errors surfaced."""
-import time
-
 import pytest
 import torch
+
+import dpo_tutorial.prefetch as prefetch
 
 from dpo_tutorial.data import PairStream, PairTransform, load_pickapic
 from dpo_tutorial.prefetch import Prefetcher
@@ -34,15 +34,15 @@ def test_prefetched_batches_equal_the_direct_stream_and_resume_exactly(pairs_par
         torch.testing.assert_close(a["pixel_values"], b["pixel_values"], rtol=0, atol=0)
 
 
-class _Slow:
-    """A stream whose batches take ``delay`` seconds each; batch 3 raises."""
+class _Clocked:
+    """A stream whose batches each take ``cost`` seconds of a fake clock to make; batch 3 raises."""
 
-    def __init__(self, delay):
-        self.delay, self.n = delay, 0
+    def __init__(self, clock, cost):
+        self.clock, self.cost, self.n = clock, cost, 0
 
     def __iter__(self):
         while True:
-            time.sleep(self.delay)
+            self.clock[0] += self.cost
             self.n += 1
             if self.n == 3:
                 raise RuntimeError("bad batch 3")
@@ -52,11 +52,16 @@ class _Slow:
         return {"n": self.n}
 
 
-def test_wait_is_measured_and_errors_reach_the_trainer():
-    fetched = Prefetcher(_Slow(0.05), depth=2)
-    assert next(fetched) == {"i": 1} and fetched.last_wait > 0.03  # nothing was ready yet
-    time.sleep(0.2)  # the trainer is busy; the producer fills the queue meanwhile
-    assert next(fetched) == {"i": 2} and fetched.last_wait < 0.02 and fetched.state_dict() == {"n": 2}
+@pytest.mark.parametrize("depth", [0, 2])
+def test_wait_is_measured_and_errors_reach_the_trainer(depth, monkeypatch):
+    """In the loop (depth 0) the trainer waits exactly as long as a batch takes to make (a fake clock: no timing of
+    the machine); with a thread, the error of batch 3 is raised at the third batch, after two good ones."""
+    clock = [0.0]
+    monkeypatch.setattr(prefetch.time, "perf_counter", lambda: clock[0])
+    fetched = Prefetcher(_Clocked(clock, 0.25), depth=depth)
+    assert next(fetched) == {"i": 1} and next(fetched) == {"i": 2} and fetched.state_dict() == {"n": 2}
+    if depth == 0:
+        assert fetched.last_wait == 0.25 and fetched.total_wait == 0.5
     with pytest.raises(RuntimeError, match="bad batch 3"):
         next(fetched)
     fetched.close()

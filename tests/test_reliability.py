@@ -14,11 +14,13 @@ from safetensors.torch import load_file
 
 from conftest import make_rows, solid
 from dpo_tutorial import checkpoint as ckpt
+from dpo_tutorial import files
 from dpo_tutorial.cli import main
 from dpo_tutorial.config import TrainConfig, get_preset
 from dpo_tutorial.data import PairStream, PairTransform, load_pickapic
 from dpo_tutorial.pickapic import encode_image, pickapic_row, write_pickapic_parquet
-from dpo_tutorial.train import History, make_stream, train
+from dpo_tutorial.run_dir import History
+from dpo_tutorial.train import make_stream, train
 
 
 def base_config(pipe, data, out, **kw):
@@ -89,7 +91,7 @@ def test_a_kill_while_deleting_never_leaves_a_half_deleted_checkpoint(tmp_path, 
     """Regression: pruning used rmtree in place, so a SIGKILL mid-delete left checkpoint-N without its weights."""
     for step in (1, 2):
         _save_tiny(tmp_path, step)
-    monkeypatch.setattr(ckpt.shutil, "rmtree", _killed_after_one_file)
+    monkeypatch.setattr(files.shutil, "rmtree", _killed_after_one_file)
     with pytest.raises(KeyboardInterrupt):
         if kill_during == "pruning":
             _save_tiny(tmp_path, 3, limit=2)
@@ -101,7 +103,7 @@ def test_a_kill_while_deleting_never_leaves_a_half_deleted_checkpoint(tmp_path, 
                                        else ["checkpoint-1"])
     for path in found:
         _assert_complete(path)
-    ckpt.clean_partial(tmp_path)  # the hidden half-deleted folder goes at the next start
+    files.clean_partial(tmp_path)  # the hidden half-deleted folder goes at the next start
     assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in found]
 
 
@@ -123,7 +125,8 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(sd_dir, pairs_parque
     cmd = [sys.executable, "-m", "dpo_tutorial.cli", "train", "--pretrained", str(sd_dir), "--dataset",
            str(pairs_parquet), "--output-dir", str(tmp_path), "--resolution", "32", "--batch-size", "2",
            "--rank", "4", "--checkpoint-every", "1", "--checkpoints-total-limit", "3", "--no-sample-grid",
-           "--max-steps", "100000", "--resume", "latest", "--num-threads", "1"]
+           "--max-steps", "100000", "--resume", "latest", "--num-threads", "1", "--lr-scheduler", "constant",
+           "--lr-warmup-steps", "0"]
     rng = random.Random(0)
     for _ in range(3):
         before = latest_step(tmp_path)
@@ -140,10 +143,10 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(sd_dir, pairs_parque
         for path in found:
             _assert_complete(path)
     step = latest_step(tmp_path)
-    resumed = train(base_config(sd_dir, pairs_parquet, tmp_path, batch_size=2, max_steps=step + 2,  # the toy
-                                checkpoint_every=1, resume="latest",  # the toy preset's optimisation settings
-                                **{k: getattr(get_preset("toy"), k) for k in ("lr", "beta", "lr_scheduler",
-                                                                               "lr_warmup_steps")}))
+    resumed = train(base_config(sd_dir, pairs_parquet, tmp_path, batch_size=2, max_steps=step + 2,  # a constant lr:
+                                checkpoint_every=1, resume="latest",  # another max_steps may continue it
+                                lr_scheduler="constant", lr_warmup_steps=0,
+                                **{k: getattr(get_preset("toy"), k) for k in ("lr", "beta")}))
     assert [r["step"] for r in resumed.records] == list(range(1, step + 3))  # logs survive the kills
 
 

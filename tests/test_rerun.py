@@ -5,7 +5,7 @@ import shutil
 from dpo_tutorial import checkpoint as ckpt
 from dpo_tutorial.cli import main
 from dpo_tutorial.config import get_preset
-from dpo_tutorial.rerun import plan_rerun
+from dpo_tutorial.run_dir import plan_rerun
 
 
 def _argv(sd_dir, pairs_parquet, out, *extra) -> list[str]:

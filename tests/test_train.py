@@ -10,7 +10,8 @@ from dpo_tutorial.config import ConfigError, TrainConfig, get_preset
 from dpo_tutorial.data import PairStream, PairTransform, load_pickapic
 from dpo_tutorial.models import add_lora, load_parts
 from dpo_tutorial.step import dpo_step
-from dpo_tutorial.train import History, train
+from dpo_tutorial.run_dir import History
+from dpo_tutorial.train import train
 
 
 def config(pipe, data, out, **kw):
@@ -117,12 +118,12 @@ def test_cli_train_runs_and_reports(sd_dir, pairs_parquet, tmp_path, capsys):
 
     rc = main(["train", "--pretrained", str(sd_dir), "--dataset", str(pairs_parquet), "--output-dir", str(tmp_path),
                "--max-steps", "2", "--batch-size", "2", "--resolution", "32", "--beta", "1000", "--lr", "1e-3",
-               "--rank", "4", "--seed", "3", "--checkpoint-every", "1", "--no-sample-grid"])
+               "--rank", "4", "--seed", "3", "--checkpoint-every", "1", "--no-sample-grid", "--lr-scheduler", "constant"])
     assert rc == 0
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["beta"] == 1000.0 and saved["rank"] == 4 and saved["seed"] == 3 and saved["sample_grid"] is False
     toy = get_preset("toy")  # flags override the preset, the rest comes from it
-    assert saved["max_train_pairs"] == toy.max_train_pairs and saved["lr_scheduler"] == toy.lr_scheduler
+    assert saved["max_train_pairs"] == toy.max_train_pairs and saved["lr_warmup_steps"] == toy.lr_warmup_steps
     assert saved["guidance_scale"] == toy.guidance_scale and saved["sample_steps"] == toy.sample_steps
     assert "done: 2 steps" in capsys.readouterr().out
     assert (tmp_path / "pytorch_lora_weights.safetensors").exists()
@@ -131,7 +132,7 @@ def test_cli_train_runs_and_reports(sd_dir, pairs_parquet, tmp_path, capsys):
     assert main(resume) == 2  # the preset's rank 8, beta, lr and seed differ from the checkpoint's
     err = capsys.readouterr().err
     assert "cannot resume" in err and "rank: checkpoint 4 vs now 8" in err and "seed: checkpoint 3 vs now 0" in err
-    same = ["--rank", "4", "--beta", "1000", "--lr", "1e-3", "--seed", "3"]
+    same = ["--rank", "4", "--beta", "1000", "--lr", "1e-3", "--seed", "3", "--lr-scheduler", "constant"]
     assert main(resume + same) == 0 and History.load(tmp_path).records[-1]["step"] == 3
 
 

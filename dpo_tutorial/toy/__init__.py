@@ -12,12 +12,12 @@
 Shipped assets live in ``assets/``: ``tiny-sd-shapes/`` (a ``StableDiffusionPipeline`` folder) and
 ``pickapic-shapes/`` (``train``/``validation``/``test`` parquet files).
 """
-from pathlib import Path
+from ..config import PRESETS, TOY_PAIRS_DIR, TOY_PIPELINE_DIR
 
-ASSETS_DIR = Path(__file__).parent / "assets"
-PIPELINE_DIR = ASSETS_DIR / "tiny-sd-shapes"
-PAIRS_DIR = ASSETS_DIR / "pickapic-shapes"
+PIPELINE_DIR = TOY_PIPELINE_DIR
+PAIRS_DIR = TOY_PAIRS_DIR
 
-# how the toy samples (pairs, evaluation, the sample grid): the pipeline's own DDPM ancestral sampler
-SAMPLE_STEPS = 25
-GUIDANCE_SCALE = 1.0  # no classifier-free guidance: it would amplify the colour the caption names
+# how the toy samples (pairs, evaluation, the sample grid), as the toy preset does: the pipeline's own DDPM
+# ancestral sampler, and no classifier-free guidance (it would amplify the colour the caption names)
+SAMPLE_STEPS = PRESETS["toy"]["sample_steps"]
+GUIDANCE_SCALE = PRESETS["toy"]["guidance_scale"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..evaluate import evaluate
 from . import GUIDANCE_SCALE, PAIRS_DIR, PIPELINE_DIR, SAMPLE_STEPS, judge, world
 
 EVAL_SEED_BASE = 3_000_000_000
@@ -38,8 +39,6 @@ def evaluate_toy(lora_dir: str | Path, per_caption: int = 40, pretrained: str | 
     Returns ``(EvalResult, samples)`` (see :func:`dpo_tutorial.evaluate.evaluate`). ``base_samples``: the
     samples of an earlier call with the same ``per_caption`` (e.g. for a second LoRA): base images reused.
     """
-    from ..evaluate import evaluate
-
     captions, seeds = heldout_prompts(per_caption)
     return evaluate(str(pretrained), lora_dir, captions, seeds, judge_score, judge_correct,
                     test_data=str(pairs_dir), test_split="test", resolution=world.SIZE,

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dpo_tutorial.toy.world import BACKGROUND, COLOURS, SHAPES, parse_caption
+from .world import BACKGROUND, COLOURS, SHAPES, all_captions, caption_for, parse_caption, render_caption
 
 COLOUR_NAMES = list(COLOURS)
 _PALETTE = torch.tensor([COLOURS[c] for c in COLOUR_NAMES], dtype=torch.float32) / 255.0  # (4, 3)
@@ -183,8 +183,6 @@ def degrade(image: np.ndarray, rng: np.random.Generator, blur: float = 1.0,
 
 def measure_accuracy(per_caption: int = 100, seed: int = 0) -> dict[str, float]:
     """Judge accuracy on clean and degraded renders, and on wrong-colour captions."""
-    from dpo_tutorial.toy.world import all_captions, caption_for, render_caption
-
     rng = np.random.default_rng(seed)
     caps = [c for c in all_captions() for _ in range(per_caption)]
     clean = np.stack([render_caption(c, rng) for c in caps])  # (N, 32, 32, 3)

@@ -13,7 +13,6 @@ Run: ``python -m dpo_tutorial.toy.pretrain [--out DIR] [--seed 0]`` (single CPU 
 from __future__ import annotations
 
 import argparse
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -21,9 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, get_cosine_with_min_lr_schedule_with_warmup
 
-from dpo_tutorial.tokenizer import build_clip_tokenizer
-from dpo_tutorial.toy import world
+from ..threads import use_threads
+from ..tokenizer import build_clip_tokenizer
+from . import world
 
 DEFAULT_OUT = Path(__file__).parent / "assets" / "tiny-sd-shapes"
 
@@ -36,8 +38,6 @@ def make_tokenizer():
 
 def make_text_encoder(tokenizer, hidden: int = 64, layers: int = 2):
     """A small randomly initialised CLIPTextModel matching ``tokenizer``."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     config = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
         num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=16,
@@ -48,8 +48,6 @@ def make_text_encoder(tokenizer, hidden: int = 64, layers: int = 2):
 
 def make_vae():
     """AutoencoderKL mapping 32x32x3 images to 8x8x4 latents (3 blocks, 2 downsamplings)."""
-    from diffusers import AutoencoderKL
-
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, sample_size=world.SIZE,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
@@ -58,8 +56,6 @@ def make_vae():
 
 def make_unet(cross_dim: int = 64):
     """UNet2DConditionModel on 8x8x4 latents with cross-attention to the text encoder."""
-    from diffusers import UNet2DConditionModel
-
     return UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
         block_out_channels=(32, 64), norm_num_groups=16, cross_attention_dim=cross_dim,
@@ -69,26 +65,22 @@ def make_unet(cross_dim: int = 64):
 
 def make_scheduler():
     """The standard Stable Diffusion DDPM noise schedule (1000 steps, epsilon prediction)."""
-    from diffusers import DDPMScheduler
-
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
                          beta_start=0.00085, beta_end=0.012, prediction_type="epsilon",
                          clip_sample=False, steps_offset=1)
 
 
-def _cosine_lr(step: int, total: int, warmup: int = 100) -> float:
-    """Learning-rate multiplier: linear warm-up, then cosine decay to 10%."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+def lr_schedule(optimizer, total: int, warmup: int = 100):
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 10% of the learning rate (the library's
+    schedule; the shipped model was made when this script wrote it by hand, with a warm-up one step ahead)."""
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, total, min_lr_rate=0.1)
 
 
 def train_vae(vae, images: torch.Tensor, steps: int, batch: int, gen: torch.Generator,
               lr: float = 2e-3, kl_weight: float = 1e-6, log_every: int = 100) -> None:
     """Train the VAE on images (N, 3, 32, 32) in [-1, 1]: MSE reconstruction + small KL."""
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, steps))
+    sched = lr_schedule(opt, steps)
     vae.train()
     start = time.time()
     for step in range(steps):
@@ -157,8 +149,7 @@ def train_diffusion(unet, text_encoder, scheduler, latents: tuple[torch.Tensor, 
     """
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine_lr(s, steps))
-    alphas = scheduler.alphas_cumprod  # (1000,)
+    sched = lr_schedule(opt, steps)
     mean, std = latents
     unet.train()
     text_encoder.train()
@@ -169,10 +160,9 @@ def train_diffusion(unet, text_encoder, scheduler, latents: tuple[torch.Tensor, 
         noise = 0.0 if step < clean_steps else wrong_colour
         rows = noisy_caption_rows(colours[idx], shapes[idx], noise, p_empty, gen)
         hidden = text_encoder(table[rows])[0]  # (B, 16, 64)
-        t = torch.randint(0, len(alphas), (batch,), generator=gen)  # (B,)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)  # (B,)
         eps = torch.randn(z0.shape, generator=gen)  # (B, 4, 8, 8)
-        a = alphas[t].view(-1, 1, 1, 1)  # (B, 1, 1, 1)
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps  # (B, 4, 8, 8)
+        zt = scheduler.add_noise(z0, eps, t)  # (B, 4, 8, 8): q(x_t | x_0)
         pred = unet(zt, t, encoder_hidden_states=hidden).sample  # (B, 4, 8, 8)
         loss = F.mse_loss(pred, eps)
         opt.zero_grad(set_to_none=True)
@@ -204,8 +194,6 @@ def pretrain(out_dir: str | Path = DEFAULT_OUT, seed: int = 0, n_images: int = 2
     ``wrong_colour`` is the fraction of training captions that name a wrong colour (the flaw).
     Deterministic for a given seed on a single CPU thread. Returns ``out_dir``.
     """
-    from diffusers import StableDiffusionPipeline
-
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -254,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clean-steps", type=int, default=2500)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads, deterministic=True)
     pretrain(args.out, seed=args.seed, vae_steps=args.vae_steps, unet_steps=args.unet_steps,
              wrong_colour=args.wrong_colour, clean_steps=args.clean_steps)
 

@@ -9,12 +9,20 @@ ask for, which the labels never mentioned).
 """
 from __future__ import annotations
 
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
-from . import PIPELINE_DIR
+from ..config import get_preset
+from ..evaluate import compare_samples, load_with_lora, win_rate
+from ..pickapic import write_pickapic_parquet
+from ..train import train
+from . import GUIDANCE_SCALE, PIPELINE_DIR, SAMPLE_STEPS
+from .evaluation import heldout_prompts, judge_correct
 from .tastes import Taste, get_taste
 
 TASTE_RECIPE = dict(max_steps=150, batch_size=16, lr_warmup_steps=15)  # 200 labels: 12 passes over them
@@ -22,8 +30,6 @@ TASTE_RECIPE = dict(max_steps=150, batch_size=16, lr_warmup_steps=15)  # 200 lab
 
 def taste_config(label_dir: str | Path, output_dir: str | Path, seed: int = 0, **overrides):
     """The toy preset trained on ``label_dir/train.parquet`` into ``output_dir`` (see the module doc)."""
-    from ..config import get_preset
-
     settings = dict(TASTE_RECIPE, dataset=str(label_dir), split="train", output_dir=str(output_dir), seed=seed,
                     random_flip=False, heldout_split=None, sample_grid=False, checkpoint_every=0,
                     checkpoints_total_limit=1)
@@ -55,10 +61,6 @@ def measure_shift(lora_dir: str | Path, taste: Taste | str, per_caption: int = 2
                   pretrained: str | Path = PIPELINE_DIR) -> TasteShift:
     """Sample the 12 captions ``per_caption`` times each with and without the LoRA in ``lora_dir`` (seeds from the
     toy evaluation's held-out range) and score both sets (see :class:`TasteShift`)."""
-    from ..evaluate import compare_samples, load_with_lora, win_rate
-    from . import GUIDANCE_SCALE, SAMPLE_STEPS
-    from .evaluation import heldout_prompts, judge_correct
-
     taste = get_taste(taste) if isinstance(taste, str) else taste
     pipe, _parts = load_with_lora(str(pretrained), lora_dir)
     captions, seeds = heldout_prompts(per_caption)
@@ -75,10 +77,6 @@ def train_on_labels(label_dir: str | Path, output_dir: str | Path, seed: int = 0
     Labels change between runs (you label more, or relabel), so an earlier run in ``output_dir`` is replaced,
     never reused; a folder that is not a run (no ``config.json``) is refused rather than emptied.
     """
-    import shutil
-
-    from ..train import train
-
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()):
         if not (out / "config.json").exists():
@@ -90,10 +88,6 @@ def train_on_labels(label_dir: str | Path, output_dir: str | Path, seed: int = 0
 
 def subset_labels(label_dir: str | Path, n: int, out_dir: str | Path) -> Path:
     """``out_dir/train.parquet``: the first ``n`` labels of ``label_dir/train.parquet`` (the rows, unchanged)."""
-    import pyarrow.parquet as pq
-
-    from ..pickapic import write_pickapic_parquet
-
     rows = pq.read_table(Path(label_dir) / "train.parquet").to_pylist()
     if n > len(rows):
         raise ValueError(f"asked for the first {n} labels but {label_dir} holds {len(rows)}")
@@ -107,8 +101,6 @@ def labels_curve(label_dir: str | Path, counts: list[int], run_root: str | Path,
     Returns one dict per count: ``labels``, ``win_rate``, ``low``, ``high``, ``mean_base``, ``mean_dpo``,
     ``judge_base``, ``judge_dpo`` and ``train_seconds``.
     """
-    import time
-
     rows = []
     for n in counts:
         data = subset_labels(label_dir, n, Path(run_root) / f"labels-{n}")

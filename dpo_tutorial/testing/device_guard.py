@@ -126,19 +126,13 @@ class DeviceGuard(TorchFunctionMode):
 def install() -> GuardDevice:
     """Turn the guard on for the rest of this process; return the ``DEVICE`` the notebooks should use.
 
-    The notebooks' setup cell reads ``DEVICE`` from :func:`dpo_tutorial.notebook_env.notebook_device`,
-    which returns this value while the guard is installed.
+    The notebooks' setup cell reads ``DEVICE`` from :func:`dpo_tutorial.notebook_env.notebook_device`, which
+    returns this value once the guard is installed (:func:`dpo_tutorial.notebook_env.set_device_override`).
     """
-    global _INSTALLED
+    from ..notebook_env import set_device_override
+
     guard = DeviceGuard()
     guard.__enter__()
-    _INSTALLED = GuardDevice("cpu")
-    return _INSTALLED
-
-
-_INSTALLED: GuardDevice | None = None
-
-
-def guard_device() -> GuardDevice | None:
-    """The ``DEVICE`` of an installed guard, or ``None`` when the guard is off."""
-    return _INSTALLED
+    device = GuardDevice("cpu")
+    set_device_override(device)
+    return device

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .tokenizer import build_clip_tokenizer
+from ..tokenizer import build_clip_tokenizer
 
 WORDS = ["a", "an", "red", "green", "blue", "yellow", "circle", "square", "triangle", "photo", "of", "cat", "dog"]
 

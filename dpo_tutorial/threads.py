@@ -1,0 +1,26 @@
+"""How many CPU threads torch uses: one place for the rule and for setting it.
+
+Several torch processes each using every core made a CPU step 10-50x slower in our measurements, so each
+of ``world_size`` processes gets its share. ``torch.set_num_threads`` also turns MKL's dynamic threading
+off, which made CPU attention ~3x slower in a profile of the toy's step; it is therefore called only when
+the count changes, unless a caller needs the same float rounding on every run (figures, the toy's asset
+scripts), which fixed threads give.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def threads_per_process(num_threads: int | None, world_size: int = 1) -> int:
+    """``num_threads`` when given, else ``OMP_NUM_THREADS``, else the machine's cores divided by ``world_size``."""
+    return (num_threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
+            or max(1, (os.cpu_count() or 1) // world_size))
+
+
+def use_threads(threads: int, deterministic: bool = False) -> None:
+    """Run torch on ``threads`` CPU threads. ``deterministic``: call ``torch.set_num_threads`` even when the count
+    is already right, which switches MKL's load-dependent dynamic threading off (same rounding every run)."""
+    if deterministic or torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

@@ -1,0 +1,58 @@
+"""Run by ``tests/test_distributed.py`` under ``torchrun``: a tiny training in which ONE process meets a non-finite loss.
+
+``python -m torch.distributed.run --nproc_per_node 2 tests/distributed_run.py OUT STEPS -- TRAIN_ARGS...``
+
+Rank 1 (only) turns its loss into NaN at the optimizer steps listed in ``STEPS`` (comma-separated). A GradScaler
+is installed where accelerate would install one for fp16 on a GPU (accelerate installs none on a CPU), because a
+scaler is where the processes' states drifted apart: a process that skipped its update also skipped the scaler's
+update and the lr schedule's step. The run goes through ``dpo-tutorial train`` (``dpo_tutorial.cli.main``); then
+every process writes its trainable weights, learning rate and loss scale to ``OUT/rank-<r>.pt``.
+"""
+import os
+import sys
+
+import torch
+
+import dpo_tutorial.train as train_module
+from dpo_tutorial.cli import main
+
+
+def install_scaler(run) -> None:
+    """What ``accelerator.prepare`` does with fp16 on a GPU: a GradScaler, and the optimizer wrapped with it."""
+    run.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    run.accelerator._optimizers.clear()
+    run.optimizer = run.accelerator.prepare(run.optimizer.optimizer)
+
+
+def main_under_test(out: str, nan_steps: set[int], argv: list[str]) -> int:
+    rank = int(os.environ["RANK"])
+    captured, calls = {}, [0]
+    real_setup, real_step = train_module.setup_run, train_module.dpo_step
+
+    def setup(config):
+        run = real_setup(config)
+        install_scaler(run)
+        captured["run"] = run
+        return run
+
+    def step(*args, **kwargs):
+        result = real_step(*args, **kwargs)
+        calls[0] += 1  # one micro-batch per optimizer step here (grad_accum 1)
+        if rank == 1 and calls[0] in nan_steps:
+            result.loss = result.loss * float("nan")  # still in the graph: this process backprops as the others do
+        return result
+
+    train_module.setup_run, train_module.dpo_step = setup, step
+    code = main(argv)
+    run = captured["run"]
+    unet = run.accelerator.unwrap_model(run.unet)
+    torch.save({"params": {n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad},
+                "lr": run.lr_scheduler.get_last_lr()[0], "scale": run.accelerator.scaler.get_scale(),
+                "steps": calls[0], "code": code}, os.path.join(out, f"rank-{rank}.pt"))
+    return code
+
+
+if __name__ == "__main__":
+    out_dir, steps, sep, *train_argv = sys.argv[1:]
+    assert sep == "--", "usage: distributed_run.py OUT STEPS -- TRAIN_ARGS..."
+    sys.exit(main_under_test(out_dir, {int(s) for s in steps.split(",") if s}, train_argv))
