@@ -72,16 +72,26 @@ def pickapic_row(caption: str, jpg_0: bytes, jpg_1: bytes, label_0: float, ranki
 def write_pickapic_parquet(path: str | Path, rows: list[dict]) -> Path:
     """Write ``rows`` (dicts from :func:`pickapic_row`) as one Pick-a-Pic v2 parquet file; return its path.
 
-    Written under a temporary name and renamed into place, so a reader never sees half a file.
+    Written under a temporary name of its own, flushed to disk and renamed into place, so a reader (or a
+    machine that lost power) sees the old file or the new one, never half a file, and two writers never
+    share a temporary file.
     """
     import os
+    import uuid
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(pa.Table.from_pylist(rows, schema=pickapic_arrow_schema()), str(tmp))
-    os.replace(tmp, path)
+    table = pa.Table.from_pylist(rows, schema=pickapic_arrow_schema())
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as fh:
+            pq.write_table(table, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
