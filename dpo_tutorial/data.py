@@ -5,9 +5,14 @@ preferred, 0: image 1 was, 0.5: a tie; ``label_1 = 1 - label_0``). A training ba
 laid out as ``2B`` images: the ``B`` winners ``x_w`` first, then the ``B`` losers ``x_l`` in the same
 pair order; row ``i`` and row ``i + B`` share a caption (and, in training, noise and timestep).
 Both images of a pair get the *same* crop window and the *same* flip.
+
+Images are decoded by this module only (:func:`decode_image`): whatever feature type a dataset declares
+for a column (a ``datasets`` ``Image`` feature, say), ``datasets`` hands over the stored bytes, never a
+decoded image and never a file it read from a path the dataset names.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import random
@@ -20,7 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from PIL import Image
+from datasets.features.features import require_decoding
+from PIL import Image, ImageOps
 
 from .errors import DataError
 from .hub import check_hub_reachable, is_hub_id
@@ -35,7 +41,9 @@ MAX_IMAGE_PIXELS = 64_000_000  # per image, before resizing (PIL's own bomb limi
 class SkipRow(ValueError):
     """A row that cannot be a training pair; ``reason`` names why (counted under that name, never fatal).
 
-    Reasons: ``tie``, ``invalid`` (label), ``missing_image`` (None), ``not_bytes`` (e.g. a string),
+    Reasons: ``tie``, ``invalid`` (label), ``bad_caption`` (not text), ``missing_image`` (None),
+    ``not_bytes`` (e.g. a string), ``image_path`` (no bytes, only a ``path``: a file name or URL that
+    an image feature points to; the project never opens it, inside the dataset's folder or not),
     ``undecodable`` (empty, corrupt or not JPEG/PNG/WebP), ``oversized`` (extreme aspect ratio or size).
     Only this exception is skipped: any other error in a row (a plain ``ValueError`` included) is a bug and
     propagates. It subclasses ``ValueError`` so older callers that caught that keep working.
@@ -97,7 +105,8 @@ def load_pickapic(source: str, split: str = "train", streaming: bool = False):
         check_parquet_files(files)
     try:
         if files is not None:
-            ds = datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming)
+            ds = datasets.load_dataset("parquet", data_files={split: files}, split=split, streaming=streaming,
+                                       features=stored_features(files[0]))
         else:
             check_hub_reachable(f"dataset {source!r}")  # fails at once offline instead of retrying
             ds = datasets.load_dataset(source, split=split, streaming=streaming)
@@ -105,9 +114,63 @@ def load_pickapic(source: str, split: str = "train", streaming: bool = False):
         raise DataError(f"could not read dataset {source!r} split {split!r} ({str(err.__cause__ or err)[:200]})") from err
     except (ConnectionError, OSError) as err:
         raise hub_dataset_error(source, split, err) from err
+    ds = without_decoding(ds)
     check_columns(ds.column_names, source)
     if not streaming and len(ds) == 0:
         raise DataError(f"dataset {source!r} split {split!r} has 0 rows: expected Pick-a-Pic-format pairs")
+    return ds
+
+
+def stored_features(file: str):
+    """The ``datasets.Features`` of a parquet file's columns as stored, ignoring the features it declares.
+
+    A parquet file may carry ``datasets`` features in its schema metadata (``jpg_0`` as an ``Image``, say);
+    those would make ``datasets`` open a ``path`` the file names and decode images before
+    :func:`decode_image` sees them. Here an image column is the plain struct ``{"bytes", "path"}`` it is
+    stored as; a type arrow itself marks as decodable (JSON) gets ``decode=False``.
+    """
+    return feature_without_decoding(datasets.Features.from_arrow_schema(pq.read_schema(file).remove_metadata()))
+
+
+def feature_without_decoding(feature):
+    """``feature`` with decoding switched off wherever a decodable feature (Image, Audio, Video, Pdf, JSON, ...)
+    sits, nested ones included: such a column then reads as what is stored, e.g. ``{"bytes": ..., "path": ...}``."""
+    if isinstance(feature, datasets.Features):
+        return datasets.Features({k: feature_without_decoding(v) for k, v in feature.items()})
+    if isinstance(feature, dict):
+        return {k: feature_without_decoding(v) for k, v in feature.items()}
+    if isinstance(feature, (list, tuple)):
+        return [feature_without_decoding(feature[0])]
+    if dataclasses.is_dataclass(feature):
+        fields = {f.name for f in dataclasses.fields(feature)}
+        if "decode" in fields:
+            return dataclasses.replace(feature, decode=False)
+        if "feature" in fields:  # List, LargeList, Sequence: their element type
+            return dataclasses.replace(feature, feature=feature_without_decoding(feature.feature))
+    return feature
+
+
+def without_decoding(ds):
+    """``ds`` (a ``Dataset`` or ``IterableDataset``) reading every column as stored, whatever features it declares.
+
+    A top-level media column is switched to ``decode=False`` in place (no copy of the data); a media feature
+    nested deeper needs a full cast (rare). Raises :class:`DataError` if decoding could not be switched off.
+    """
+    features = ds.features
+    if not features or not require_decoding(features):  # unknown features: datasets decodes nothing either
+        return ds
+    if isinstance(ds, datasets.IterableDataset):
+        ds = ds.cast(feature_without_decoding(features))  # lazy: applied to each streamed row
+    else:
+        for name, feature in features.items():
+            plain = feature_without_decoding(feature)
+            if hasattr(plain, "decode_example"):
+                ds = ds.cast_column(name, plain)  # only the feature changes, not the data
+        if require_decoding(ds.features):
+            ds = ds.cast(feature_without_decoding(ds.features))
+    if ds.features and require_decoding(ds.features):
+        raise DataError(f"could not switch off decoding of the dataset's features {ds.features}: expected raw "
+                        "image bytes in jpg_0 and jpg_1")
     return ds
 
 
@@ -136,6 +199,10 @@ def check_parquet_files(files: list[str]) -> None:
             raise DataError(f"{f} is not a readable parquet file ({str(err)[:120]}): expected Pick-a-Pic "
                             "v2 parquet") from err
         check_columns(schema.names, f)
+        twice = sorted({name for name in schema.names if schema.names.count(name) > 1})
+        if twice:
+            raise DataError(f"{f} has {len(schema.names) - len(set(schema.names))} duplicate column(s) named "
+                            f"{', '.join(map(repr, twice))}: expected each column once")
         types = {c: schema.field(c).type for c in REQUIRED_COLUMNS}
         bad = [f"{c} is {t}" for c, t in types.items() if not _type_ok(c, t)]
         if bad:
@@ -147,9 +214,41 @@ def check_parquet_files(files: list[str]) -> None:
             diffs = [f"{c}: {first[1][c]} vs {types[c]}" for c in REQUIRED_COLUMNS if types[c] != first[1][c]]
             raise DataError(f"{first[0]} and {f} have different schemas ({'; '.join(diffs)}): expected one "
                             "schema for all files of a split")
+        check_text_columns(f, schema)
     if rows == 0:
         raise DataError(f"{files[0] if len(files) == 1 else f'{len(files)} parquet files'} hold 0 rows: expected "
                         "Pick-a-Pic-format pairs")
+
+
+def check_text_columns(file: str, schema) -> None:
+    """Raise :class:`DataError` naming the file, column and row when a text column holds bytes that are not UTF-8.
+
+    Only the text columns are read (image columns stay on disk); arrow stores text unchecked, so a bad
+    caption would otherwise surface as a ``UnicodeDecodeError`` when its row is first read.
+    """
+    names = [fld.name for fld in schema if pa.types.is_string(fld.type) or pa.types.is_large_string(fld.type)]
+    if not names:
+        return
+    table = pq.read_table(file, columns=names)
+    for name in names:
+        column = table.column(name)
+        try:
+            column.validate(full=True)
+        except pa.ArrowInvalid:
+            row = _first_invalid_utf8(column)
+            raise DataError(f"{file}: column {name!r} row {row} is not UTF-8 text "
+                            f"({column.cast(pa.large_binary())[row].as_py()[:40]!r}): expected UTF-8 strings") from None
+
+
+def _first_invalid_utf8(column) -> int:
+    """Index of the first value of an arrow text column that is not valid UTF-8 (-1 if none)."""
+    for i, value in enumerate(column.cast(pa.large_binary()).to_pylist()):
+        if value is not None:
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError:
+                return i
+    return -1
 
 
 def check_columns(column_names, source: str = "dataset") -> None:
@@ -202,17 +301,22 @@ def winners_then_losers(winners: list[torch.Tensor], losers: list[torch.Tensor])
 
 # ---------------------------------------------------------------------------------------- decoding
 def decode_image(data) -> Image.Image:
-    """JPEG, PNG or WebP bytes (or a PIL image) -> RGB PIL image; grayscale, CMYK, palette and RGBA included.
+    """JPEG, PNG or WebP bytes (or a PIL image) -> the RGB PIL image a viewer shows.
 
-    Only :data:`IMAGE_FORMATS` are opened (an EPS or PDF row never reaches another decoder), and the size
-    is checked (:func:`check_image_size`) before any pixel is decoded. Raises :class:`SkipRow`:
-    ``missing_image`` for None, ``not_bytes`` for a string or other type, ``undecodable`` for empty,
-    corrupt or other-format bytes, ``oversized`` for an extreme shape.
+    Grayscale, CMYK, palette and RGBA are converted to RGB; a 16-bit PNG is scaled to 8 bits and an EXIF
+    orientation is applied (:func:`as_displayed`). Only :data:`IMAGE_FORMATS` are opened (an EPS, PDF or GIF
+    row never reaches another decoder), and the size is checked (:func:`check_image_size`) before any pixel
+    is decoded. A ``{"bytes": ..., "path": ...}`` dict (an image feature as stored) gives its bytes; a path
+    alone is never opened. Raises :class:`SkipRow`: ``missing_image`` for None, ``not_bytes`` for a string
+    or other type, ``image_path`` for a dict with a path but no bytes, ``undecodable`` for empty, corrupt or
+    other-format bytes, ``oversized`` for an extreme shape.
     """
     if isinstance(data, Image.Image):
         check_image_size(data.size)
-        return data.convert("RGB")
-    if isinstance(data, dict):  # datasets' Image feature stores {"bytes": ..., "path": ...}
+        return as_displayed(data)
+    if isinstance(data, dict):  # an image feature as stored: {"bytes": ..., "path": ...}
+        if data.get("bytes") is None and data.get("path"):
+            raise SkipRow("image_path", f"{str(data['path'])[:100]!r}: images are read from the dataset's bytes only")
         data = data.get("bytes")
     if data is None:
         raise SkipRow("missing_image")
@@ -224,11 +328,34 @@ def decode_image(data) -> Image.Image:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
             check_image_size(img.size)
             img.load()
-            return img.convert("RGB")
+            return as_displayed(img)
     except SkipRow:
         raise
     except Exception as err:  # PIL raises several types for truncated, corrupt or unsupported data
         raise SkipRow("undecodable", f"{type(err).__name__}: {str(err)[:100]}") from err
+
+
+EXIF_ORIENTATION = 0x0112  # the EXIF tag: 1 upright, 2-8 mirrored and/or rotated by 90/180/270 degrees
+
+
+def as_displayed(img: Image.Image) -> Image.Image:
+    """The RGB image a viewer shows: EXIF orientation applied, 16-bit greyscale scaled to 8 bits.
+
+    A 16-bit value ``v`` in ``[0, 65535]`` becomes ``round(v / 257)`` (the inverse of the usual 8 -> 16 bit
+    expansion ``v8 * 257``), so 30% grey stays 30% grey instead of clipping to white. The orientation tag
+    (JPEG, PNG or WebP EXIF) turns a portrait photo stored sideways upright; an unreadable EXIF block
+    counts as upright, as in most viewers.
+    """
+    try:
+        orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # a damaged EXIF block is ignored, not fatal
+        orientation = 1
+    if orientation in range(2, 9):
+        img = ImageOps.exif_transpose(img)
+    if img.mode == "I" or img.mode.startswith("I;16"):  # 16-bit greyscale PNG: (H, W) values in [0, 65535]
+        grey = np.asarray(img).astype(np.float64)
+        img = Image.fromarray(np.rint(np.clip(grey, 0, 65535) / 257).astype(np.uint8), "L")
+    return img.convert("RGB")
 
 
 def check_image_size(size: tuple[int, int]) -> None:
@@ -413,7 +540,7 @@ class PairStream:
     def _examples(self):
         while True:
             whole_pass, produced, seen = self.position == 0, False, Counter()
-            for i, row in self._rows():
+            for i, row in self._rows_checked():
                 self.position = i + 1
                 rng = random.Random(f"{self.seed}-{self.epoch}-{i}")
                 try:
@@ -432,6 +559,14 @@ class PairStream:
             if not produced and whole_pass:
                 raise DataError(self._nothing_usable(seen))
             self.epoch, self.position = self.epoch + 1, 0
+
+    def _rows_checked(self):
+        """:meth:`_rows`; a row whose text is not UTF-8 (a hub dataset, unchecked up front) is a :class:`DataError`."""
+        try:
+            yield from self._rows()
+        except UnicodeDecodeError as err:
+            raise DataError(f"row {self.position} of the dataset holds text that is not UTF-8 ({err}): expected "
+                            "UTF-8 strings") from err
 
     def _nothing_usable(self, seen: Counter) -> str:
         """``'0 of 16 rows usable: 16 undecodable'``: why a whole pass gave no pair, by cause."""

@@ -35,9 +35,8 @@ FIGURE_THREADS = 2
 
 
 def _save(fig, path: Path) -> str:
-    tmp = files.temporary_name(path)
-    fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
-    files.replace_file(tmp, path)
+    with files.atomic(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
     return path.name
 

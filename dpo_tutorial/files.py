@@ -4,8 +4,8 @@ Every file the package writes goes through one of three atomic steps, so a reade
 any moment) never sees half of it: the bytes go to a hidden temporary name beside the target, are made
 durable, and :func:`os.replace` swaps them into place in one step.
 
-- :func:`write_text` / :func:`write_json`: a text or JSON file;
-- :func:`save_tensors`: a safetensors file;
+- :func:`atomic`: any file (``with atomic(path) as tmp: ...``); :func:`write_text` / :func:`write_json`: a text or
+  JSON file; :func:`save_tensors`: a safetensors file;
 - :func:`replace_folder`: a folder built under a temporary name (a checkpoint, an exported UNet).
 
 Deleting works the same way backwards (:func:`remove_folder`): a folder is renamed out of sight first, then
@@ -21,6 +21,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -31,9 +33,9 @@ MARKER = ".dpo-tutorial"  # written first into every output folder the package m
 
 
 def temporary_name(path: Path) -> Path:
-    """The hidden name ``path`` is written under before it is renamed into place: ``.<name>.tmp``, which no reader's
-    pattern matches (``*.parquet``, ``shard-*.safetensors``...), so a cut write is never read as data."""
-    return path.with_name(f".{path.name}.tmp")
+    """A hidden name to write ``path`` under before it is renamed into place: ``.<name>.<pid>-<random>.tmp``, which no
+    reader's pattern matches (``*.parquet``, ``shard-*.safetensors``...) and no other writer shares."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
 
 
 def _fsync(path: Path) -> None:
@@ -48,13 +50,24 @@ def replace_file(written: str | Path, path: str | Path) -> Path:
     return Path(path)
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (temporary file, fsync, ``os.replace``); return the path."""
+@contextmanager
+def atomic(path: str | Path):
+    """``with atomic(path) as tmp:`` write the whole file to ``tmp``; on leaving the block it is made durable and
+    renamed to ``path`` in one step, or removed if the block failed (``path`` keeps its old content)."""
     path = Path(path)
     tmp = temporary_name(path)
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    return replace_file(tmp, path)
+    try:
+        yield tmp
+        replace_file(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically (:func:`atomic`); return the path."""
+    with atomic(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def write_json(path: str | Path, value, indent: int | None = 1) -> Path:
@@ -64,10 +77,9 @@ def write_json(path: str | Path, value, indent: int | None = 1) -> Path:
 
 def save_tensors(tensors: dict, path: str | Path) -> Path:
     """A safetensors file of ``tensors`` at ``path``, atomically (contiguous CPU copies are written)."""
-    path = Path(path)
-    tmp = temporary_name(path)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-    return replace_file(tmp, path)
+    with atomic(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    return Path(path)
 
 
 def remove(path: str | Path) -> None:

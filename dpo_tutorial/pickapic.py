@@ -73,10 +73,12 @@ def pickapic_row(caption: str, jpg_0: bytes, jpg_1: bytes, label_0: float, ranki
 def write_pickapic_parquet(path: str | Path, rows: list[dict]) -> Path:
     """Write ``rows`` (dicts from :func:`pickapic_row`) as one Pick-a-Pic v2 parquet file; return its path.
 
-    Written under a temporary name and renamed into place, so a reader never sees half a file.
+    Written under a temporary name of its own, flushed to disk and renamed into place, so a reader (or a
+    machine that lost power) sees the old file or the new one, never half a file, and two writers never
+    share a temporary file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = files.temporary_name(path)
-    pq.write_table(pa.Table.from_pylist(rows, schema=pickapic_arrow_schema()), str(tmp))
-    return files.replace_file(tmp, path)
+    with files.atomic(path) as tmp:
+        pq.write_table(pa.Table.from_pylist(rows, schema=pickapic_arrow_schema()), str(tmp))
+    return path

@@ -137,6 +137,6 @@ def write_sample_grid(parts: DiffusionParts, unet, captions: list[str], path: st
     base, dpo = generate_with_and_without_lora(make_pipeline(parts, unet), caps, list(range(len(caps))),
                                                steps=steps, guidance_scale=guidance_scale, resolution=resolution)
     grid = labelled_grid([base, dpo], ["base", "DPO"], caps, scale=max(1, 128 // resolution))
-    tmp = files.temporary_name(Path(path))
-    grid.save(tmp, format="PNG")
-    return files.replace_file(tmp, path)
+    with files.atomic(path) as tmp:
+        grid.save(tmp, format="PNG")
+    return Path(path)
