@@ -1,12 +1,12 @@
-"""Per-step time of ``dpo-tutorial train`` against the real diffusers ``train_diffusion_dpo.py``, whole processes.
+"""Per-step time of ``dpo-tutorial train`` against the real diffusers ``train_diffusion_dpo.py``, on the same work.
 
 The diffusers script is not part of this repository: fetch it yourself, e.g.
 
     git clone --depth 1 https://github.com/huggingface/diffusers /tmp/diffusers
     python benchmarks/bench_vs_diffusers.py --script /tmp/diffusers/examples/research_projects/diffusion_dpo/train_diffusion_dpo.py
 
-Both programs run on the same local pipeline, the same local Pick-a-Pic-format parquet, the same batch,
-resolution, learning rate, beta, LoRA rank, seed and thread count, each as its own process, twice: once
+On the CPU works, both programs run on the same local pipeline, the same local Pick-a-Pic-format parquet, the
+same batch, resolution, learning rate, beta, LoRA rank, seed and thread count, each as its own process, twice: once
 for LOW and once for HIGH optimizer steps (``--steps``; defaults per work below). Per-step time =
 (wall(HIGH) − wall(LOW)) / (HIGH − LOW), so imports, model loading and the final export cancel; so does the
 project's latent-cache build when both runs draw enough pairs to build it (the defaults), which is why the
