@@ -15,9 +15,9 @@ weights (compute and memory do not depend on the weight values). Variants (``--v
 - suffixes on any cached variant: ``+cl`` (channels_last), ``+compile`` (``torch.compile``), ``+cudnn-attn``
   / ``+flash-attn`` / ``+efficient-attn`` (only that scaled-dot-product-attention backend; CUDA only),
   ``+cudnnbench`` (``torch.backends.cudnn.benchmark``: cuDNN times its convolution algorithms once per shape
-  instead of picking by heuristics), ``+nopeftcast`` (peft's ``disable_input_dtype_casting``: peft otherwise casts each LoRA layer's input to the
-  LoRA's fp32 and autocast casts it back, two activation-sized copies per adapted layer), ``+pairsN`` (N
-  pairs a step instead of the default).
+  instead of picking by heuristics), ``+nopeftcast`` (peft's ``disable_input_dtype_casting``: peft otherwise
+  casts each LoRA layer's input to the LoRA's fp32 and autocast casts it back, two activation-sized copies per
+  adapted layer), ``+pairsN`` (N pairs a step instead of the default).
 
 It prints ms/step, pairs/s, peak GPU memory and model FLOPs utilisation: FLOPs of one step counted
 with ``torch.utils.flop_counter.FlopCounterMode`` (the UNet passes, plus the VAE and text encoder for
@@ -43,7 +43,8 @@ from dpo_tutorial.step import dpo_step
 PEAK_BF16_TFLOPS = {"H100 SXM": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0,
                     "L4": 121.0, "T4": 65.0}
 DEFAULT_VARIANTS = ["recipe", "cached-bf16", "cached-fp16", "cached-bf16-fp32w", "pure-bf16", "cached-bf16+nopeftcast",
-                    "cached-bf16+cudnnbench", "cached-bf16+cl", "cached-bf16+cudnn-attn", "cached-bf16+flash-attn", "cached-bf16+pairs16"]
+                    "cached-bf16+cudnnbench", "cached-bf16+cl", "cached-bf16+cudnn-attn", "cached-bf16+flash-attn",
+                    "cached-bf16+pairs16"]
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 ATTENTION = {"cudnn-attn": "CUDNN_ATTENTION", "flash-attn": "FLASH_ATTENTION", "efficient-attn": "EFFICIENT_ATTENTION"}
 

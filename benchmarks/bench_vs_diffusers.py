@@ -184,7 +184,7 @@ sys.argv = sys.argv[1:]
 runpy.run_path(script, run_name="__main__")
 '''
 
-TIMED_LAUNCHER = '''"""Run a training program and record its step times and peak GPU memory (benchmarks/bench_vs_diffusers.py).
+TIMED_LAUNCHER = '''"""Run a training program, recording its step times and peak GPU memory (bench_vs_diffusers.py).
 
     python run_timed.py SCRIPT.py ARGS...     # a script, run as __main__ (the diffusers DPO script)
     python run_timed.py -m MODULE ARGS...     # a module, run as __main__ (dpo_tutorial.cli)
@@ -281,7 +281,8 @@ else:
 def write_standin_packages(torchvision_dir: Path, wandb_dir: Path) -> None:
     """``torchvision_dir/torchvision/transforms.py`` (the PIL stand-in) and ``wandb_dir/wandb/__init__.py`` (empty)."""
     (torchvision_dir / "torchvision").mkdir(parents=True, exist_ok=True)
-    (torchvision_dir / "torchvision" / "__init__.py").write_text('"""Stand-in package (benchmarks/bench_vs_diffusers.py)."""\n')
+    (torchvision_dir / "torchvision" / "__init__.py").write_text(
+        '"""Stand-in package (benchmarks/bench_vs_diffusers.py)."""\n')
     (torchvision_dir / "torchvision" / "transforms.py").write_text(TORCHVISION_STANDIN)
     (wandb_dir / "wandb").mkdir(parents=True, exist_ok=True)
     (wandb_dir / "wandb" / "__init__.py").write_text('"""Empty stand-in: the script imports wandb but only uses it '
