@@ -18,27 +18,35 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the sibling benchmark modules (bench_gpu, bench_data_wait)
 PEAK = "import torch; print('PEAK_GIB', torch.cuda.max_memory_allocated() / 2**30)"
 
 
-def build_sd15_shaped(out: Path) -> Path:
-    """A diffusers SD 1.5 pipeline folder with the real architectures and random weights (fp16 on disk)."""
+def build_sd15_shaped(out: Path, tiny: bool = False) -> Path:
+    """A diffusers SD 1.5 pipeline folder with the real architectures and random weights (fp16 on disk).
+
+    The configs are ``bench_gpu``'s (UNet 860M, VAE 84M, CLIP text 123M parameters); ``tiny`` shrinks every
+    part (``bench_gpu``'s tiny configs: a 64-px pipeline with SD's 8x VAE) for a CPU run of the same code.
+    Built on the GPU when there is one (random initialisation of 860M parameters is slow on a CPU).
+    """
     import torch
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from bench_gpu import text_config, unet_config, vae_config
     from dpo_tutorial.testing.fixtures import WORDS
     from dpo_tutorial.tokenizer import build_clip_tokenizer
 
     tok = build_clip_tokenizer(WORDS, out / "tokenizer", model_max_length=77)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=768, intermediate_size=3072,
-                                        num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
-                                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                        pad_token_id=tok.pad_token_id))
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-    vae = AutoencoderKL(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
-                        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-                        sample_size=512)
+    unet_cfg = unet_config("sd15", tiny)
+    device = "cuda" if torch.cuda.is_available() and not tiny else "cpu"
+    with torch.device(device):
+        torch.manual_seed(0)
+        text = CLIPTextModel(CLIPTextConfig(**text_config(unet_cfg["cross_attention_dim"], tiny),
+                                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                            pad_token_id=tok.pad_token_id))
+        unet = UNet2DConditionModel(**unet_cfg)
+        vae = AutoencoderKL(**vae_config(tiny), sample_size=64 if tiny else 512)
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
                           beta_end=0.012, clip_sample=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
@@ -46,7 +54,7 @@ def build_sd15_shaped(out: Path) -> Path:
     pipe.to(torch.float16).save_pretrained(str(out))
     counts = {n: sum(p.numel() for p in m.parameters()) / 1e6 for n, m in (("unet", unet), ("vae", vae),
                                                                             ("text", text))}
-    print("parameters (M):", {k: round(v) for k, v in counts.items()})
+    print("parameters (M):", {k: round(v, 1) for k, v in counts.items()})
     return out
 
 
@@ -73,7 +81,6 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "gpu-check-out"))
     parser.add_argument("--notebooks", nargs="*", default=None, help="stems, e.g. 05_one_training_step")
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_data_wait import write_pairs
 
     from dpo_tutorial.testing.fixtures import build_tiny_pickscore
