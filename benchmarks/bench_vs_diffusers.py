@@ -589,8 +589,8 @@ def format_log_row(row: dict) -> str:
 
 def print_log_table(name: str, rows: list[dict]) -> None:
     """The markdown table of a log-timed work: per precision, both programs and their ratio."""
-    print(f"\n| work | precision | diffusers script s/step | dpo-tutorial train s/step | ratio | "
-          f"peak GPU GiB script / project | MFU script / project |\n|---|---|---|---|---|---|---|")
+    print("\n| work | precision | diffusers script s/step | dpo-tutorial train s/step | ratio | "
+          "peak GPU GiB script / project | MFU script / project |\n|---|---|---|---|---|---|---|")
     by = {(r["precision"], r["program"]): r for r in rows}
     for precision in dict.fromkeys(r["precision"] for r in rows):
         script, project = by.get((precision, "script")), by.get((precision, "project"))

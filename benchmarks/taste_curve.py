@@ -21,7 +21,6 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> None:
     """Run the sweep and print the labels-versus-effect table."""
-    import torch
 
     from dpo_tutorial.figures import fix_randomness
     from dpo_tutorial.plots import labels_curve_figure, taste_shift_figure
@@ -42,8 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--figure", default=None, help="write the before/after figure here (first seed, most labels)")
     parser.add_argument("--curve", default=None, help="write the win-rate-against-labels figure here")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    fix_randomness(args.threads)
+    fix_randomness(args.threads)  # seeds everything and pins torch to --threads threads
     out = Path(args.out)
     pipe = load_pipeline(PIPELINE_DIR)
     results: dict[int, list[dict]] = {}
