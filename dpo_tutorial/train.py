@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from datasets.distributed import split_dataset_by_node
 from diffusers.optimization import get_scheduler
@@ -73,6 +74,8 @@ def heldout_problem(config: TrainConfig) -> str | None:
         return "a full fine-tune's held-out score is not measured at the end of its run"
     if config.streaming or is_hub_id(config.dataset):
         return None
+    if Path(config.dataset).expanduser().is_file() and config.heldout_split != config.split:
+        return f"{config.dataset} is one parquet file: it has no separate {config.heldout_split!r} split"
     try:
         usable_rows(load_pickapic(config.dataset, config.heldout_split)["label_0"])
     except DataError as err:
@@ -105,6 +108,10 @@ def start_accelerator(config: TrainConfig) -> Accelerator:
     """accelerate for this run; several processes without a GPU (torchrun / accelerate launch on CPU) form a gloo
     process group (accelerate forms one only when told ``cpu=True``; otherwise each process would train alone)."""
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    state = AcceleratorState._shared_state  # accelerate keeps one state per process (a notebook's kernel)
+    if state and state.get("_mixed_precision", config.mixed_precision) != config.mixed_precision and \
+            int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)  # else: "restart your runtime" for another precision
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision,
                               log_with=config.report_to, project_dir=config.output_dir, cpu=multi_cpu)
     if config.num_processes and accelerator.num_processes != config.num_processes:

@@ -13,8 +13,10 @@ import sys
 
 import torch
 
-import dpo_tutorial.train as train_module
+import dpo_tutorial.train  # noqa: F401  (the module; the package's name `train` is the function)
 from dpo_tutorial.cli import main
+
+train_module = sys.modules["dpo_tutorial.train"]
 
 
 def install_scaler(run) -> None:

@@ -84,13 +84,13 @@ def test_the_automatic_cache_is_rebuilt_when_its_source_changes(sd_dir, pairs_pa
     shutil.copy(pairs_parquet, data / "train.parquet")
     config = cfg(sd_dir, data, tmp_path / "run", max_steps=50)
     parts = load_parts(config.pretrained)
-    folder = auto_cache(config, parts)
+    folder = auto_cache(config, parts, load_pickapic(str(data)))
     manifest = folder / "manifest.json"
     first = manifest.stat().st_mtime_ns
-    assert auto_cache(config, parts) == folder and manifest.stat().st_mtime_ns == first  # reused as it is
+    assert auto_cache(config, parts, load_pickapic(str(data))) == folder and manifest.stat().st_mtime_ns == first
     rows = make_rows(n_good=20, seed=3)
     write_pickapic_parquet(data / "train.parquet", rows)  # the user edits the data between two runs
-    assert auto_cache(config, parts) == folder and manifest.stat().st_mtime_ns != first
+    assert auto_cache(config, parts, load_pickapic(str(data))) == folder and manifest.stat().st_mtime_ns != first
     assert check_cache(folder, config)["num_rows"] == len(rows)
 
 
@@ -155,10 +155,10 @@ def test_the_cache_encodes_images_in_chunks_of_the_vae_batch_with_the_same_laten
         torch.testing.assert_close(small[name], big[name], rtol=0, atol=0)
 
 
-def _damage(cache_dir: Path, kind: str) -> None:
+def _damage(cache_dir: Path, kind: str, shard_index: int = 1) -> None:
     from safetensors.torch import load_file, save_file
 
-    shard = cache_dir / "shard-00001.safetensors"
+    shard = cache_dir / f"shard-{shard_index:05d}.safetensors"
     manifest = json.loads((cache_dir / "manifest.json").read_text())
     if kind == "small latents":  # 2x2 where the model makes 16x16: shards and manifest agree, the model does not
         for path in cache_dir.glob("shard-*.safetensors"):
@@ -209,11 +209,11 @@ def test_a_damaged_cache_is_one_line_naming_the_file(kind, message, sd_dir, pair
 
 @pytest.mark.slow
 def test_a_runs_own_damaged_cache_is_rebuilt_when_it_resumes(sd_dir, pairs_parquet, tmp_path):
-    config = cfg(sd_dir, pairs_parquet, tmp_path / "run", max_steps=10, checkpoint_every=5, lr_scheduler="constant")
-    first = train(config.replace(max_steps=5))  # 5 x 4 pairs > 2 x 17 encodings: the run builds its own cache
+    config = cfg(sd_dir, pairs_parquet, tmp_path / "run", max_steps=12, checkpoint_every=10, lr_scheduler="constant")
+    first = train(config.replace(max_steps=10))  # 10 x 4 pairs > 2 x 17 encodings: the run builds its own cache
     folder = tmp_path / "run" / "latent-cache"
-    assert (folder / "manifest.json").exists() and len(first) == 5
-    _damage(folder, "nan latents")
+    assert (folder / "manifest.json").exists() and len(first) == 10
+    _damage(folder, "nan latents", shard_index=0)  # the run's cache: one shard
     resumed = train(config.replace(resume="latest"))
-    assert [r["step"] for r in resumed.records] == list(range(1, 11))
+    assert [r["step"] for r in resumed.records] == list(range(1, 13))
     check_cache(folder, config)  # rebuilt: passes every check again

@@ -125,7 +125,7 @@ def test_a_run_never_imports_the_test_support():
               if any("testing" in (n or "") for n in _local_imports(p) + _top_imports(p))]
     assert static == []
     code = ("import sys, dpo_tutorial.cli, dpo_tutorial.notebook_env, dpo_tutorial.toy.labelling, "
-            "dpo_tutorial.toy.your_taste; print(sorted(m for m in sys.modules if 'testing' in m.split('.')))")
+            "dpo_tutorial.toy.your_taste; print(sorted(m for m in sys.modules if m.startswith('dpo_tutorial.testing')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"

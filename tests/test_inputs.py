@@ -22,7 +22,7 @@ def train_only(tmp_path):
 def test_a_missing_heldout_split_is_a_notice_before_any_model_loads(sd_dir, train_only, tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules["dpo_tutorial.train"], "load_parts", lambda *a, **k: pytest.fail("loaded"))
     config = tiny_config(sd_dir, train_only, tmp_path / "run", heldout_split="validation")
-    with pytest.warns(UserWarning, match=r"no held-out score at the end of this run: split 'validation' .* no parquet "
+    with pytest.warns(UserWarning, match=r"no held-out score at the end of this run: split 'validation' .*no parquet "
                                          r"files for split 'validation'.*--heldout-split ''"):
         inputs = check_inputs(config)
     assert "no parquet files for split 'validation'" in inputs.heldout_skipped

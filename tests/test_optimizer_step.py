@@ -1,10 +1,11 @@
 """One optimizer step under the settings no other test runs: bf16 (LoRA and full fine-tune), gradient accumulation."""
 import math
+import sys
 
 import pytest
 import torch
 
-import dpo_tutorial.train as train_module
+import dpo_tutorial.train  # noqa: F401  (the module; the package's name `train` is the function)
 from conftest import tiny_config
 from dpo_tutorial.train import optimizer_step, setup_run
 
@@ -75,13 +76,19 @@ def _fixed_batch(run, pairs: list[int], seed: int = 0) -> dict:
             "noise": noise[idx].repeat(2, 1, 1, 1), "timesteps": timesteps[idx].repeat(2)}
 
 
-def _gradients_of_one_update(run, batches, monkeypatch) -> list[torch.Tensor]:
+def _fix_the_draws(monkeypatch) -> None:
+    """Make every step use the noise and timesteps its batch carries (see :func:`_fixed_batch`)."""
+    train_module = sys.modules["dpo_tutorial.train"]
     real = train_module.dpo_step
 
     def fixed(parts, unet, batch, *args, **kwargs):
         return real(parts, unet, batch, *args, noise=batch["noise"], timesteps=batch["timesteps"], **kwargs)
 
     monkeypatch.setattr(train_module, "dpo_step", fixed)
+
+
+def _gradients_of_one_update(run, batches) -> list[torch.Tensor]:
+    """The gradients ``optimizer.step`` sees in one :func:`optimizer_step` over ``batches``."""
     grads = []
     inner = run.optimizer.optimizer
     hook = inner.register_step_pre_hook(lambda opt, args, kwargs: grads.extend(p.grad.clone() for p in run.params))
@@ -102,8 +109,9 @@ def test_k_micro_batches_give_the_update_of_one_batch_of_k_times_the_pairs(sd_di
         with torch.no_grad():
             for p in run.params:
                 p.add_(0.05 * torch.randn_like(p))
-    g_accum = _gradients_of_one_update(accum, [_fixed_batch(accum, [0, 1]), _fixed_batch(accum, [2, 3])], monkeypatch)
-    g_whole = _gradients_of_one_update(whole, [_fixed_batch(whole, [0, 1, 2, 3])], monkeypatch)
+    _fix_the_draws(monkeypatch)
+    g_accum = _gradients_of_one_update(accum, [_fixed_batch(accum, [0, 1]), _fixed_batch(accum, [2, 3])])
+    g_whole = _gradients_of_one_update(whole, [_fixed_batch(whole, [0, 1, 2, 3])])
     assert len(g_accum) == len(g_whole) > 0 and max(g.abs().max() for g in g_whole) > 1e-6
     for a, b in zip(g_accum, g_whole):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)

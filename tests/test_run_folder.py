@@ -36,9 +36,11 @@ def _argv(sd_dir, data, out, *extra):
 
 
 def _one_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "Traceback" not in err[0], err
-    return err[0]
+    """The one line the command printed about its error (progress bars on stderr aside), no traceback."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("dpo-tutorial ")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    return lines[0]
 
 
 # ------------------------------------------------------------------------------- whose folder it is

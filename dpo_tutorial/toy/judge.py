@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageFilter
 
 from .world import BACKGROUND, COLOURS, SHAPES, all_captions, caption_for, parse_caption, render_caption
 
@@ -174,8 +175,6 @@ def predict(images) -> list[tuple[str, str]]:
 def degrade(image: np.ndarray, rng: np.random.Generator, blur: float = 1.0,
             noise: float = 10.0) -> np.ndarray:
     """Blur (Gaussian radius ``blur``) and noise (std ``noise`` / 255) a uint8 (H, W, 3) image."""
-    from PIL import Image, ImageFilter
-
     blurred = np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(blur)), np.float32)
     noisy = blurred + rng.normal(0.0, noise, size=blurred.shape)  # (H, W, 3)
     return noisy.clip(0, 255).astype(np.uint8)
