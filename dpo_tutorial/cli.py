@@ -88,7 +88,9 @@ def build_parser(preset: str = "toy") -> argparse.ArgumentParser:
     add_config_flags(cache, preset)
     ev = sub.add_parser("evaluate", help="base vs DPO on the toy world: judge accuracy, win-rate, implicit accuracy",
                         description="Sample base and DPO images for the same held-out captions and seeds, score "
-                                    "them with the toy judge, and measure implicit-reward accuracy on held-out pairs.")
+                                    "them with the toy judge, and measure implicit-reward accuracy on held-out pairs; "
+                                    "each reported for the captions the training pairs show (new seeds) and for "
+                                    "those they never show.")
     ev.add_argument("--lora", required=True, help="folder holding pytorch_lora_weights.safetensors (a train output)")
     ev.add_argument("--per-caption", type=int, default=40, help="images per caption and model (12 captions; default 40)")
     ev.add_argument("--num-draws", type=int, default=8, help="noise/timestep draws per held-out pair (default 8)")
@@ -183,7 +185,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def print_toy_evaluation(lora_dir: str, per_caption: int = 40, num_draws: int = 8, as_json: bool = False) -> None:
-    """Evaluate a toy LoRA (:func:`dpo_tutorial.toy.evaluation.evaluate_toy`) and print a table or one JSON line."""
+    """Evaluate a toy LoRA (:func:`dpo_tutorial.toy.evaluation.evaluate_toy`) and print a table or one JSON line.
+
+    The JSON object holds the numbers over all captions, and the same numbers for the captions the
+    training pairs show (``"seen"``) and for those they never show (``"unseen"``).
+    """
     import json
 
     from .toy.evaluation import evaluate_toy
@@ -192,13 +198,28 @@ def print_toy_evaluation(lora_dir: str, per_caption: int = 40, num_draws: int = 
     if as_json:
         print(json.dumps(result.to_dict()))
         return
-    r = result
-    print(f"images per model        {r.n}\n"
-          f"judge accuracy  base    {r.base_accuracy:.3f}\n"
-          f"judge accuracy  DPO     {r.dpo_accuracy:.3f}   ({100 * (r.dpo_accuracy - r.base_accuracy):+.1f} points)\n"
-          f"win-rate DPO over base  {r.win_rate:.3f}   95% CI [{r.win_rate_ci_low:.3f}, {r.win_rate_ci_high:.3f}]"
-          f" (ties count 1/2)\n"
-          f"implicit-reward acc.    {r.implicit_acc:.3f}   (held-out test pairs)")
+    for line in toy_evaluation_table(result):
+        print(line)
+
+
+def toy_evaluation_table(result) -> list[str]:
+    """The lines of ``dpo-tutorial evaluate``'s table: one column per caption group, then all captions."""
+    from .toy.pairs import UNSEEN_CAPTIONS
+
+    columns = {"seen captions,": result.seen, "unseen captions": result.unseen, "all captions": result}
+
+    def row(name: str, cell) -> str:
+        return f"{name:<26}" + "".join(f"{cell(r):<20}" for r in columns.values()).rstrip()
+
+    return [f"{'':<26}" + "".join(f"{head:<20}" for head in columns).rstrip(), f"{'':<26}new seeds",
+            row("images per model", lambda r: str(r.n)),
+            row("judge accuracy  base", lambda r: f"{r.base_accuracy:.3f}"),
+            row("judge accuracy  DPO", lambda r: f"{r.dpo_accuracy:.3f} ({100 * (r.dpo_accuracy - r.base_accuracy):+.1f})"),
+            row("win-rate DPO over base", lambda r: f"{r.win_rate:.3f}"),
+            row("  95% CI (ties count 1/2)", lambda r: f"[{r.win_rate_ci_low:.3f}, {r.win_rate_ci_high:.3f}]"),
+            row("implicit-reward acc.", lambda r: f"{r.implicit_acc:.3f}"),
+            row("  held-out test pairs", lambda r: str(r.implicit_pairs)),
+            f"unseen captions (no training or validation pair shows them): {', '.join(UNSEEN_CAPTIONS)}"]
 
 
 def run_toy(args: argparse.Namespace) -> int:

@@ -41,6 +41,7 @@ class EvalResult:
     n: int
     base_mean_score: float
     dpo_mean_score: float
+    implicit_pairs: int | None = None  # how many non-tie pairs ``implicit_acc`` scored (None: not counted)
 
     def to_dict(self) -> dict:
         """Plain dict (JSON-serialisable)."""
@@ -205,3 +206,29 @@ def evaluate(pretrained: str, lora_dir: str | Path, captions: list[str], seeds: 
                         base_mean_score=float(samples["base_scores"].mean()),
                         dpo_mean_score=float(samples["dpo_scores"].mean()))
     return result, samples
+
+def summarise_samples(samples: dict, keep=None, implicit_acc: float = float("nan"),
+                      implicit_pairs: int | None = None) -> EvalResult:
+    """The :class:`EvalResult` of the prompts that the boolean mask ``keep`` selects (all prompts when None).
+
+    ``samples``: what :func:`compare_samples` returns; ``implicit_acc`` / ``implicit_pairs``: measured
+    separately (on held-out pairs of the same prompt group). A judge without ``correct`` gives NaN accuracies.
+    """
+    n_prompts = len(samples["base_scores"])
+    keep = np.ones(n_prompts, bool) if keep is None else np.asarray(keep, bool)
+    if keep.shape != (n_prompts,) or not keep.any():
+        raise ValueError(f"keep selects {int(keep.sum())} of {n_prompts} prompts (shape {keep.shape}): expected a "
+                         "boolean mask over the prompts that selects at least one")
+
+    def selected(key: str) -> np.ndarray:
+        values = np.asarray(samples[key], float)
+        return values if values.shape == (1,) and np.isnan(values[0]) else values[keep]  # NaN: no correct()
+
+    base, dpo = selected("base_scores"), selected("dpo_scores")
+    rate, low, high = win_rate(base, dpo)
+    return EvalResult(base_accuracy=float(selected("base_correct").mean()),
+                      dpo_accuracy=float(selected("dpo_correct").mean()), win_rate=rate, win_rate_ci_low=low,
+                      win_rate_ci_high=high, implicit_acc=float(implicit_acc), n=int(keep.sum()),
+                      base_mean_score=float(base.mean()), dpo_mean_score=float(dpo.mean()),
+                      implicit_pairs=implicit_pairs)
+
