@@ -158,7 +158,7 @@ def evaluate_after_training(config: TrainConfig) -> None:
         return
     print(f"measuring the effect on held-out prompts (dpo-tutorial evaluate --lora {config.output_dir}) ...",
           flush=True)
-    print_toy_evaluation(config.output_dir)
+    print_toy_evaluation(config.output_dir, progress=True)
 
 
 def run_cache(args: argparse.Namespace) -> int:
@@ -175,26 +175,28 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """``dpo-tutorial evaluate``: the toy evaluation, as a table or one JSON object."""
     from pathlib import Path
 
-    for flag, value in (("--per-caption", args.per_caption), ("--num-draws", args.num_draws)):
-        if value < 1:
-            raise ConfigError(f"invalid {flag} {value}: expected an integer >= 1")
+    from .toy.evaluation import check_toy_counts
+
+    check_toy_counts(args.per_caption, args.num_draws, ("--per-caption", "--num-draws"))
     if not (Path(args.lora) / "pytorch_lora_weights.safetensors").exists():
         raise ConfigError(f"--lora {args.lora!r} holds no pytorch_lora_weights.safetensors: pass a train output dir")
-    print_toy_evaluation(args.lora, args.per_caption, args.num_draws, args.json)
+    print_toy_evaluation(args.lora, args.per_caption, args.num_draws, args.json, progress=True)
     return 0
 
 
-def print_toy_evaluation(lora_dir: str, per_caption: int = 40, num_draws: int = 8, as_json: bool = False) -> None:
+def print_toy_evaluation(lora_dir: str, per_caption: int = 40, num_draws: int = 8, as_json: bool = False,
+                         progress: bool = False) -> None:
     """Evaluate a toy LoRA (:func:`dpo_tutorial.toy.evaluation.evaluate_toy`) and print a table or one JSON line.
 
     The JSON object holds the numbers over all captions, and the same numbers for the captions the
-    training pairs show (``"seen"``) and for those they never show (``"unseen"``).
+    training pairs show (``"seen"``) and for those they never show (``"unseen"``). ``progress``: progress
+    bars on stderr while it samples and scores.
     """
     import json
 
     from .toy.evaluation import evaluate_toy
 
-    result, _ = evaluate_toy(lora_dir, per_caption=per_caption, num_draws=num_draws)
+    result, _ = evaluate_toy(lora_dir, per_caption=per_caption, num_draws=num_draws, progress=progress)
     if as_json:
         print(json.dumps(result.to_dict()))
         return
