@@ -97,7 +97,9 @@ def build_parser(preset: str = "toy") -> argparse.ArgumentParser:
     add_config_flags(cache, preset)
     ev = sub.add_parser("evaluate", help="base vs DPO on the toy world: judge accuracy, win-rate, implicit accuracy",
                         description="Sample base and DPO images for the same held-out captions and seeds, score "
-                                    "them with the toy judge, and measure implicit-reward accuracy on held-out pairs.")
+                                    "them with the toy judge, and measure implicit-reward accuracy on held-out pairs; "
+                                    "each reported for the captions the training pairs show (new seeds) and for "
+                                    "those they never show.")
     ev.add_argument("--lora", required=True, help="folder holding pytorch_lora_weights.safetensors (a train output)")
     ev.add_argument("--per-caption", type=int, default=40, help="images per caption and model (12 captions; default 40)")
     ev.add_argument("--num-draws", type=int, default=8, help="noise/timestep draws per held-out pair (default 8)")
@@ -154,7 +156,7 @@ def evaluate_after_training(config: TrainConfig) -> None:
         return
     print(f"measuring the effect on held-out prompts (dpo-tutorial evaluate --lora {config.output_dir}) ...",
           flush=True)
-    print_toy_evaluation(config.output_dir)
+    print_toy_evaluation(config.output_dir, progress=True)
 
 
 def run_cache(args: argparse.Namespace) -> int:
@@ -169,32 +171,53 @@ def run_evaluate(args: argparse.Namespace) -> int:
     """``dpo-tutorial evaluate``: the toy evaluation, as a table or one JSON object."""
     from pathlib import Path
 
-    for flag, value in (("--per-caption", args.per_caption), ("--num-draws", args.num_draws)):
-        if value < 1:
-            raise ConfigError(f"invalid {flag} {value}: expected an integer >= 1")
+    from .toy.evaluation import check_toy_counts
+
+    check_toy_counts(args.per_caption, args.num_draws, ("--per-caption", "--num-draws"))
     if not (Path(args.lora) / "pytorch_lora_weights.safetensors").exists():
         raise ConfigError(f"--lora {args.lora!r} holds no pytorch_lora_weights.safetensors: pass a train output dir")
-    print_toy_evaluation(args.lora, args.per_caption, args.num_draws, args.json)
+    print_toy_evaluation(args.lora, args.per_caption, args.num_draws, args.json, progress=True)
     return 0
 
 
-def print_toy_evaluation(lora_dir: str, per_caption: int = 40, num_draws: int = 8, as_json: bool = False) -> None:
-    """Evaluate a toy LoRA (:func:`dpo_tutorial.toy.evaluation.evaluate_toy`) and print a table or one JSON line."""
+def print_toy_evaluation(lora_dir: str, per_caption: int = 40, num_draws: int = 8, as_json: bool = False,
+                         progress: bool = False) -> None:
+    """Evaluate a toy LoRA (:func:`dpo_tutorial.toy.evaluation.evaluate_toy`) and print a table or one JSON line.
+
+    The JSON object holds the numbers over all captions, and the same numbers for the captions the
+    training pairs show (``"seen"``) and for those they never show (``"unseen"``). ``progress``: progress
+    bars on stderr while it samples and scores.
+    """
     import json
 
     from .toy.evaluation import evaluate_toy
 
-    result, _ = evaluate_toy(lora_dir, per_caption=per_caption, num_draws=num_draws)
+    result, _ = evaluate_toy(lora_dir, per_caption=per_caption, num_draws=num_draws, progress=progress)
     if as_json:
         print(json.dumps(result.to_dict()))
         return
-    r = result
-    print(f"images per model        {r.n}\n"
-          f"judge accuracy  base    {r.base_accuracy:.3f}\n"
-          f"judge accuracy  DPO     {r.dpo_accuracy:.3f}   ({100 * (r.dpo_accuracy - r.base_accuracy):+.1f} points)\n"
-          f"win-rate DPO over base  {r.win_rate:.3f}   95% CI [{r.win_rate_ci_low:.3f}, {r.win_rate_ci_high:.3f}]"
-          f" (ties count 1/2)\n"
-          f"implicit-reward acc.    {r.implicit_acc:.3f}   (held-out test pairs)")
+    for line in toy_evaluation_table(result):
+        print(line)
+
+
+def toy_evaluation_table(result) -> list[str]:
+    """The lines of ``dpo-tutorial evaluate``'s table: one column per caption group, then all captions."""
+    from .toy.pairs import UNSEEN_CAPTIONS
+
+    columns = {"seen captions,": result.seen, "unseen captions": result.unseen, "all captions": result}
+
+    def row(name: str, cell) -> str:
+        return f"{name:<26}" + "".join(f"{cell(r):<20}" for r in columns.values()).rstrip()
+
+    return [f"{'':<26}" + "".join(f"{head:<20}" for head in columns).rstrip(), f"{'':<26}new seeds",
+            row("images per model", lambda r: str(r.n)),
+            row("judge accuracy  base", lambda r: f"{r.base_accuracy:.3f}"),
+            row("judge accuracy  DPO", lambda r: f"{r.dpo_accuracy:.3f} ({100 * (r.dpo_accuracy - r.base_accuracy):+.1f})"),
+            row("win-rate DPO over base", lambda r: f"{r.win_rate:.3f}"),
+            row("  95% CI (ties count 1/2)", lambda r: f"[{r.win_rate_ci_low:.3f}, {r.win_rate_ci_high:.3f}]"),
+            row("implicit-reward acc.", lambda r: f"{r.implicit_acc:.3f}"),
+            row("  held-out test pairs", lambda r: str(r.implicit_pairs)),
+            f"unseen captions (no training or validation pair shows them): {', '.join(UNSEEN_CAPTIONS)}"]
 
 
 def run_toy(args: argparse.Namespace) -> int:

@@ -145,3 +145,21 @@ def test_evaluate_with_pickscore_reports_nan_accuracy_and_a_win_rate(sd_dir, pai
     base, dpo = samples["base_scores"], samples["dpo_scores"]
     wins = sum(1.0 if d > b + 1e-6 else 0.0 if d < b - 1e-6 else 0.5 for b, d in zip(base, dpo))
     assert result.win_rate == pytest.approx(wins / 4) and result.n == 4
+
+
+def test_summarise_samples_counts_only_the_selected_prompts():
+    from dpo_tutorial.evaluate import summarise_samples
+
+    samples = {"base_scores": np.array([0.1, 0.9, 0.5, 0.2]), "dpo_scores": np.array([0.3, 0.2, 0.5, 0.8]),
+               "base_correct": np.array([0.0, 1.0, 1.0, 0.0]), "dpo_correct": np.array([1.0, 0.0, 1.0, 1.0])}
+    keep = np.array([True, False, True, True])  # outcomes 1, 1/2, 1 -> 5/6
+    r = summarise_samples(samples, keep, implicit_acc=0.75, implicit_pairs=8)
+    assert (r.n, r.win_rate, r.implicit_acc, r.implicit_pairs) == (3, pytest.approx(5 / 6), 0.75, 8)
+    assert (r.base_accuracy, r.dpo_accuracy) == (pytest.approx(1 / 3), 1.0)
+    assert (r.base_mean_score, r.dpo_mean_score) == (pytest.approx(0.8 / 3), pytest.approx(1.6 / 3))
+    everything = summarise_samples(samples)
+    assert everything.n == 4 and everything.win_rate == pytest.approx(0.625) and math.isnan(everything.implicit_acc)
+    learned = dict(samples, base_correct=np.array([np.nan]), dpo_correct=np.array([np.nan]))  # PickScore: no correct()
+    assert math.isnan(summarise_samples(learned, keep).base_accuracy)
+    with pytest.raises(ValueError, match="selects 0 of 4 prompts"):
+        summarise_samples(samples, np.zeros(4, bool))

@@ -1,12 +1,17 @@
 """Build a Pick-a-Pic-v2-style preference data set for the shapes world.
 
-For each pair: a caption (all 12 captions equally often), two samples of the flawed base pipeline
-for that caption with different seeds, and a label from the programmatic judge (``judge.score``):
+For each pair: a caption, two samples of the flawed base pipeline for that caption with different seeds, and a label from the programmatic judge (``judge.score``):
 ``label_0 = 1`` if image 0 scores higher, ``0`` if lower, ``0.5`` if the scores agree within
 ``TIE_TOL`` (ties are kept, as in Pick-a-Pic). Then a fraction ``label_noise`` of the non-tie labels
 is flipped, playing the part of careless human raters.
 
 Each split is one parquet file with exactly the Pick-a-Pic v2 columns and types.
+
+Held-out captions: three colour x shape combinations (:data:`UNSEEN_CAPTIONS`) never occur in the
+``train`` and ``validation`` splits, so a model trained on them has never seen a preference about those
+captions. Every colour and every shape still occurs in training (yellow with all three shapes). The
+``test`` split draws all 12 captions equally often, so it holds pairs of both kinds: *seen* captions
+(new seeds only) and *unseen* captions.
 
 Run: ``python -m dpo_tutorial.toy.pairs`` (one CPU thread, a few minutes).
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -32,6 +38,19 @@ MODEL_NAME = "tiny-sd-shapes"
 NUM_INFERENCE_STEPS = SAMPLE_STEPS
 TIE_TOL = 1e-3
 BASE_TIME = np.datetime64("2023-04-01T00:00:00", "ns")
+# one combination per shape, each in another colour: red circle, green square, blue triangle
+UNSEEN_CAPTIONS = tuple(world.caption_for(colour, shape) for colour, shape in zip(world.COLOURS, world.SHAPES))
+TRAINING_SPLITS = ("train", "validation")  # the splits that never show an unseen caption
+
+
+def seen_captions() -> list[str]:
+    """The 9 captions the training and validation pairs use (all but :data:`UNSEEN_CAPTIONS`), colour-major."""
+    return [c for c in world.all_captions() if c not in UNSEEN_CAPTIONS]
+
+
+def split_captions(split: str) -> list[str]:
+    """The captions a split's pairs cycle through: the seen ones for ``train``/``validation``, all 12 for ``test``."""
+    return seen_captions() if split in TRAINING_SPLITS else world.all_captions()
 
 
 def judge_labels(img0: np.ndarray, img1: np.ndarray, captions: list[str],
@@ -64,19 +83,23 @@ def build_rows(img0: np.ndarray, img1: np.ndarray, captions: list[str], labels: 
 
 
 def make_pairs(pipeline_dir: str | Path = DEFAULT_PIPELINE, out_dir: str | Path = DEFAULT_OUT,
-               n_train: int = 2500, n_val: int = 300, n_test: int = 500, seed: int = 0,
+               n_train: int = 2500, n_val: int = 300, n_test: int = 600, seed: int = 0,
                label_noise: float = 0.1, steps: int = NUM_INFERENCE_STEPS,
-               guidance: float = GUIDANCE_SCALE) -> dict[str, dict[str, float]]:
-    """Sample, judge and write ``out_dir/{train,validation,test}.parquet``; returns split stats."""
+               guidance: float = GUIDANCE_SCALE, command: str | None = None) -> dict[str, dict[str, float]]:
+    """Sample, judge and write ``out_dir/{train,validation,test}.parquet``; returns split stats.
+
+    Each split cycles through :func:`split_captions` in a shuffled order, so its captions occur equally
+    often (to within one pair). ``command``: the command line that ran, recorded in ``meta.json``.
+    """
     pipe = load_pipeline(pipeline_dir)
     rng = np.random.default_rng(seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    caps_all = world.all_captions()
     stats, ranking_id = {}, 0
     for split, n in (("train", n_train), ("validation", n_val), ("test", n_test)):
         start = time.time()
-        captions = [caps_all[i % len(caps_all)] for i in rng.permutation(n)]
+        caps = split_captions(split)
+        captions = [caps[i % len(caps)] for i in rng.permutation(n)]
         seeds = rng.choice(2**31 - 1, size=2 * n, replace=False)
         imgs = generate(pipe, captions + captions, list(seeds), steps, guidance)  # (2n, 32, 32, 3) uint8
         img0, img1 = imgs[:n], imgs[n:]
@@ -85,11 +108,13 @@ def make_pairs(pipeline_dir: str | Path = DEFAULT_PIPELINE, out_dir: str | Path 
         ranking_id += n
         write_pickapic_parquet(out / f"{split}.parquet", rows)
         colour_ok = judge.correct_batch(imgs, captions + captions)[0].float().mean().item()
-        stats[split] = {"pairs": n, "ties": float(np.mean(labels == 0.5)),
-                        "colour_acc": colour_ok, "seconds": time.time() - start}
+        stats[split] = {"pairs": n, "unseen_caption_pairs": sum(c in UNSEEN_CAPTIONS for c in captions),
+                        "ties": float(np.mean(labels == 0.5)), "colour_acc": colour_ok,
+                        "seconds": time.time() - start}
         print(f"{split}: {stats[split]}", flush=True)
     meta = {"pipeline": MODEL_NAME, "num_inference_steps": steps, "guidance_scale": guidance,
-            "label_noise": label_noise, "tie_tol": TIE_TOL, "seed": seed, "stats": stats}
+            "label_noise": label_noise, "tie_tol": TIE_TOL, "seed": seed,
+            "unseen_captions": list(UNSEEN_CAPTIONS), "unseen_in": ["test"], "command": command, "stats": stats}
     (out / "meta.json").write_text(json.dumps(meta, indent=1))
     return stats
 
@@ -101,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.add_argument("--n-train", type=int, default=2500)
     parser.add_argument("--n-val", type=int, default=300)
-    parser.add_argument("--n-test", type=int, default=500)
+    parser.add_argument("--n-test", type=int, default=600)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--label-noise", type=float, default=0.1)
     parser.add_argument("--guidance", type=float, default=GUIDANCE_SCALE)
@@ -109,8 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    shown = sys.argv[1:] if argv is None else argv
     make_pairs(args.pipeline, args.out, args.n_train, args.n_val, args.n_test, args.seed,
-               args.label_noise, args.steps, args.guidance)
+               args.label_noise, args.steps, args.guidance, command=" ".join(["dpo-tutorial toy pairs", *shown]))
 
 
 if __name__ == "__main__":
