@@ -172,7 +172,9 @@ PRESETS: dict[str, dict] = {
                 checkpoint_every=100, checkpoints_total_limit=2, output_dir="runs/toy", heldout_split="validation",
                 # how the toy samples (pairs, evaluation, the grid): the pipeline's own DDPM sampler, 25 steps, and
                 # no classifier-free guidance, which would amplify the colour the caption names
-                sample_steps=25, guidance_scale=1.0),
+                sample_steps=25, guidance_scale=1.0,
+                # a 32-px image takes 1/256 of a 512-px one's VAE memory: 256 per call weigh what SD 1.5's 8 do
+                vae_encode_batch_size=256),
     # SD 1.5 on one Colab GPU. beta 5000 = the diffusers SD script's beta_dpo 2500.
     "sd15": dict(pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5",
                  dataset="yuvalkirstain/pickapic_v2", streaming=True, resolution=512,

@@ -9,11 +9,13 @@ import logging
 # (logger, message fragment): third-party notices the package's own calls trigger that say nothing a
 # learner can act on. transformers: "`X` requires torchvision (not installed); falling back to `XPil`" (the
 # package never uses torchvision, whose PyPI build does not pair with the CPU torch, and wants the PIL
-# fallback); diffusers: "No LoRA keys associated to CLIPTextModel" (our LoRAs adapt the UNet only).
+# fallback); diffusers: "No LoRA keys associated to CLIPTextModel" (our LoRAs adapt the UNet only), and, when the
+# frozen UNet is cast to bf16/fp16, "modules ... that should be kept in float32: []" (an empty list: none is).
 KNOWN_NOTICES = (("transformers.utils.import_utils", "requires torchvision (not installed)"),
                  ("diffusers.loaders.lora_base", "No LoRA keys associated to CLIPTextModel"),
                  ("diffusers.loaders.lora_pipeline", "No LoRA keys associated to CLIPTextModel"),
-                 ("diffusers.loaders.peft", "No LoRA keys associated to CLIPTextModel"))
+                 ("diffusers.loaders.peft", "No LoRA keys associated to CLIPTextModel"),
+                 ("diffusers.models.modeling_utils", "that should be kept in float32: []"))
 
 
 class _DropNotice:

@@ -21,6 +21,7 @@ def cfg(pipe, data, out, **kw):
                                  random_flip=True, empty_prompt_prob=0.3, seed=11), **kw})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fixture", ["sd_dir", "sdxl_dir"])
 def test_training_from_cache_gives_the_same_losses(fixture, request, pairs_parquet, tmp_path):
     pipe = request.getfixturevalue(fixture)
@@ -34,6 +35,7 @@ def test_training_from_cache_gives_the_same_losses(fixture, request, pairs_parqu
     assert from_cache.data_summary == from_images.data_summary  # same ties / undecodable rows skipped
 
 
+@pytest.mark.slow
 def test_cache_for_another_model_or_resolution_is_refused(sd_dir, sdxl_dir, pairs_parquet, tmp_path):
     base = cfg(sd_dir, pairs_parquet, tmp_path / "run")
     build_cache(base, tmp_path / "cache")
@@ -49,6 +51,7 @@ def test_cache_for_another_model_or_resolution_is_refused(sd_dir, sdxl_dir, pair
         check_cache(tmp_path, base)
 
 
+@pytest.mark.slow
 def test_cli_cache_then_train(sd_dir, pairs_parquet, tmp_path, capsys):
     common = ["--pretrained", str(sd_dir), "--dataset", str(pairs_parquet), "--resolution", "32"]
     assert main(["cache", "--out", str(tmp_path / "c"), *common]) == 0
@@ -60,6 +63,7 @@ def test_cli_cache_then_train(sd_dir, pairs_parquet, tmp_path, capsys):
     assert "rebuild it" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_run_that_draws_its_data_again_builds_its_own_cache_with_the_same_losses(sd_dir, pairs_parquet, tmp_path):
     rows = len(load_pickapic(str(pairs_parquet)))
     steps = 2 * rows // 4 + 2  # more pairs drawn than the 2 x rows encodings a cache with flips costs
@@ -74,6 +78,7 @@ def test_a_run_that_draws_its_data_again_builds_its_own_cache_with_the_same_loss
     assert len(short["loss"]) == 2 and not (tmp_path / "short" / "latent-cache").exists()
 
 
+@pytest.mark.slow
 def test_the_automatic_cache_is_rebuilt_when_its_source_changes(sd_dir, pairs_parquet, tmp_path):
     import shutil
 
@@ -122,6 +127,7 @@ def cache_copy(built_cache, tmp_path):
     return Path(shutil.copytree(built_cache, tmp_path / "c"))
 
 
+@pytest.mark.slow
 def test_a_cache_for_other_data_or_another_split_is_refused_naming_both(sd_dir, pairs_parquet, built_cache, tmp_path,
                                                                          capsys):
     other = write_pickapic_parquet(tmp_path / "other.parquet", make_rows(4))
@@ -134,6 +140,7 @@ def test_a_cache_for_other_data_or_another_split_is_refused_naming_both(sd_dir, 
     assert "split: cache 'train' vs run 'validation'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_cache_encodes_images_in_chunks_of_the_vae_batch_with_the_same_latents(sd_dir, pairs_parquet, tmp_path):
     """Rows are read 64 at a time (x 2 images x 2 flips = 256 images); the VAE must see at most
     vae_encode_batch_size of them per call (256 at 512 px would not fit a 16 GB GPU)."""
@@ -198,6 +205,7 @@ def _damage(cache_dir: Path, kind: str, shard_index: int = 1) -> None:
     ("nan latents", "shard-00001.safetensors holds non-finite latents"),
     ("caption id", "caption ids outside"),
 ])
+@pytest.mark.slow
 def test_a_damaged_cache_is_one_line_naming_the_file(kind, message, sd_dir, pairs_parquet, cache_copy, tmp_path, capsys):
     _damage(cache_copy, kind)
     assert main(["train", "--pretrained", str(sd_dir), "--dataset", str(pairs_parquet), "--resolution", "32",

@@ -25,6 +25,7 @@ def test_win_rate_splits_ties_and_gives_a_normal_interval():
         win_rate([1.0], [1.0, 2.0])
 
 
+@pytest.mark.slow
 def test_implicit_accuracy_reads_the_policy_against_the_reference(sd_dir, pairs_parquet):
     """0.5 exactly at a zero-initialised LoRA; once the LoRA moves, the 15 scored pairs' logits are non-zero, so the
     accuracy (a multiple of 1/15) leaves 0.5. Were the reference the policy itself, every logit would stay 0 and the
@@ -41,6 +42,7 @@ def test_implicit_accuracy_reads_the_policy_against_the_reference(sd_dir, pairs_
     assert scored == 15 and acc != 0.5 and round(acc * 15, 6) == round(acc * 15)
 
 
+@pytest.mark.slow
 def test_evaluate_returns_well_formed_numbers(sd_dir, pairs_parquet, tmp_path, monkeypatch):
     train(TrainConfig(pretrained=str(sd_dir), dataset=str(pairs_parquet), output_dir=str(tmp_path), resolution=32,
                       batch_size=4, max_steps=3, lr=5e-2, rank=4, sample_grid=False))
@@ -131,6 +133,7 @@ def test_pickscore_offline_hub_id_fails_with_a_message_naming_it():
         PickScore("no-such-org/PickScore", "no-such-org/PickScore")
 
 
+@pytest.mark.slow
 def test_evaluate_with_pickscore_reports_nan_accuracy_and_a_win_rate(sd_dir, pairs_parquet, pickscore_dir, tmp_path):
     from dpo_tutorial.pickscore import PickScore
 

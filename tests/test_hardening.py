@@ -67,6 +67,7 @@ class _Payload:
         return os.mkdir, (str(self.marker),)
 
 
+@pytest.mark.slow
 def test_checkpoint_holding_a_pickled_callable_is_refused_unexecuted(sd_dir, pairs_parquet, run_copy, tmp_path,
                                                                       capsys):
     marker = tmp_path / "pwned"
@@ -231,6 +232,7 @@ def test_evaluate_rejects_zero_counts(flag, tmp_path, capsys):
     assert f"invalid {flag} 0: expected an integer >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_evaluate_rejects_a_lora_of_another_model(sd_dir, tmp_path, capsys):
     from dpo_tutorial.models import add_lora, load_parts
     from dpo_tutorial.models import export_lora
@@ -244,6 +246,7 @@ def test_evaluate_rejects_a_lora_of_another_model(sd_dir, tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- 6. torn history
+@pytest.mark.slow
 @pytest.mark.parametrize("tail", ['{"step": 4, "loss": 0.6', "\x00" * 40])
 def test_torn_last_history_line_is_dropped(tail, sd_dir, pairs_parquet, run_copy, tmp_path):
     with open(run_copy / "history.jsonl", "a") as fh:
@@ -263,6 +266,7 @@ def test_torn_last_history_line_is_dropped(tail, sd_dir, pairs_parquet, run_copy
 
 
 # ---------------------------------------------------------------------- 7. checkpoint integrity
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_falls_back_and_damaged_chosen_one_is_refused(sd_dir, pairs_parquet, run_copy):
     weights = load_file(str(run_copy / "checkpoint-2" / "trainable.safetensors"))
     save_file({}, str(run_copy / "checkpoint-3" / "trainable.safetensors"))  # valid but empty
@@ -300,6 +304,7 @@ def test_cut_lora_export_never_looks_finished(sd_dir, tmp_path, monkeypatch):
     assert not (tmp_path / "pytorch_lora_weights.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_cut_cache_build_never_looks_finished(sd_dir, pairs_parquet, tmp_path, monkeypatch):
     from dpo_tutorial import cache
 
@@ -325,6 +330,7 @@ def test_cut_cache_build_never_looks_finished(sd_dir, pairs_parquet, tmp_path, m
 
 
 # ---------------------------------------------------------------------------- 8. honest resume
+@pytest.mark.slow
 def test_resume_refuses_other_settings_and_applies_allowed_ones(sd_dir, pairs_parquet, run_copy, tmp_path,
                                                                  monkeypatch):
     other = write_pickapic_parquet(tmp_path / "other.parquet", make_rows(4))
@@ -342,6 +348,7 @@ def test_resume_refuses_other_settings_and_applies_allowed_ones(sd_dir, pairs_pa
     assert [p.name for p in ckpt.list_checkpoints(run_copy)] == ["checkpoint-5"]  # the new limit applied
 
 
+@pytest.mark.slow
 def test_resuming_an_older_checkpoint_abandons_the_newer_timeline(sd_dir, pairs_parquet, run_copy):
     first = History.load(run_copy).records
     train(cfg(sd_dir, pairs_parquet, run_copy, max_steps=2, resume=str(run_copy / "checkpoint-1")))
@@ -367,6 +374,7 @@ def test_grad_scaler_and_rng_states_round_trip(tmp_path):
     assert torch.equal(torch.rand(3), expected[0]) and torch.equal(torch.rand(3, generator=gen), expected[1])
 
 
+@pytest.mark.slow
 def test_non_finite_stop_names_the_lr_in_use_and_keeps_the_earlier_checkpoint(sd_dir, pairs_parquet, tmp_path):
     with pytest.raises(FloatingPointError, match=r"learning rate \(1e\+30 in use\)"):
         train(cfg(sd_dir, pairs_parquet, tmp_path, max_steps=6, lr=1e30, max_grad_norm=0, max_nonfinite_steps=2,

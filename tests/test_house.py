@@ -3,6 +3,8 @@ import ast
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -65,6 +67,7 @@ def test_the_package_loaders_raise_no_warnings_and_drop_only_known_notices(tmp_p
         assert logger.filter(record("something else entirely")), name  # everything else still shows
 
 
+@pytest.mark.slow
 def test_a_fresh_process_loading_a_pipeline_with_a_lora_prints_no_known_notice(sd_dir, pairs_parquet, tmp_path):
     """The notices fire once per process (``warning_once``), so only a fresh process can show them."""
     import subprocess
@@ -116,6 +119,7 @@ def test_the_local_import_check_can_fail(tmp_path):
     assert _local_imports(bad) == ["json", ".data", "ipywidgets"]
 
 
+@pytest.mark.slow
 def test_a_run_never_imports_the_test_support():
     """``dpo_tutorial.testing`` (stand-in pipelines, the device guard) is not part of what a run or a notebook loads."""
     import subprocess

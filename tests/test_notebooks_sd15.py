@@ -5,7 +5,7 @@ ids at a tiny SD pipeline folder and a Pick-a-Pic-format parquet folder (``train
 ``validation_unique`` splits, streamed as the preset does); ``DPO_TUTORIAL_PICKSCORE`` at a tiny PickScore
 folder. The hub stays offline (conftest), so any cell that still reaches for it fails here.
 
-The kernels run under :mod:`dpo_tutorial.device_guard` (installed by an IPython startup file): the CPU
+The kernels run under :mod:`dpo_tutorial.testing.device_guard` (installed by an IPython startup file): the CPU
 plays both "host" and the notebooks' ``DEVICE``, so a batch a cell forgets to move to ``DEVICE`` fails
 here as it would on a GPU. Not covered: CUDA itself and fp16 (this machine has no GPU), and the real
 models' sizes.
@@ -21,11 +21,11 @@ from dpo_tutorial.testing.fixtures import build_tiny_pickscore
 from dpo_tutorial.pickapic import write_pickapic_parquet
 from conftest import make_rows
 
-# the numbered notebooks but 08, which runs on the shapes world whatever the preset (its tastes are measured
-# there); solutions.ipynb runs the toy preset whatever DPO_TUTORIAL_PRESET says, so it has no sd15 cells
-TOY_ONLY = {"08_your_taste"}
-NOTEBOOKS = [p for p in sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("[0-9]*.ipynb"))
-             if p.stem not in TOY_ONLY]
+# the notebooks whose cells differ on the GPU preset: one step, the training run, the evaluation with PickScore. The
+# others run the same package functions (covered here through these three) or the toy world whatever the preset.
+SD15_NOTEBOOKS = ("03_one_training_step", "04_train_lora", "07_evaluate")
+NOTEBOOKS = [Path(__file__).resolve().parents[1] / "notebooks" / f"{name}.ipynb" for name in SD15_NOTEBOOKS]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

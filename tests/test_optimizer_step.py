@@ -42,14 +42,15 @@ def _one_step(sd_dir, pairs_parquet, out, **kw):
 def test_bf16_step_matches_fp32_and_every_forward_gets_its_modules_dtype(full_finetune, sd_dir, pairs_parquet,
                                                                          tmp_path):
     """bf16 keeps the frozen weights (and a full fine-tune's reference copy) in bf16 and trains fp32 weights under
-    autocast. The loss of one step equals the fp32 step's within bf16's resolution: measured |difference| <= 2e-3
-    on the tiny stand-in (bf16 has 8 bits of mantissa, ~4e-3 relative); the tolerance is 1e-2."""
+    autocast. Measured on the tiny stand-in: a LoRA step's loss is log 2 in both (policy and reference round alike),
+    a full fine-tune's is 5.1e-3 away (its fp32 policy under autocast against the bf16 copy), the policy's error
+    3e-4 (relative) away; the tolerances are 2e-2 and 5e-3."""
     fp32, ok32, _ = _one_step(sd_dir, pairs_parquet, tmp_path / "fp32", full_finetune=full_finetune)
     bf16, ok16, seen = _one_step(sd_dir, pairs_parquet, tmp_path / "bf16", full_finetune=full_finetune,
                                  mixed_precision="bf16")
     assert ok32 and ok16 and math.isfinite(bf16.loss.item())
-    assert abs(bf16.loss.item() - fp32.loss.item()) <= 1e-2
-    torch.testing.assert_close(bf16.raw_model_loss.float(), fp32.raw_model_loss.float(), rtol=5e-2, atol=1e-3)
+    assert abs(bf16.loss.item() - fp32.loss.item()) <= 2e-2
+    torch.testing.assert_close(bf16.raw_model_loss.float(), fp32.raw_model_loss.float(), rtol=5e-3, atol=0)
     names = {name for name, _, _ in seen}
     assert names == ({"vae", "unet", "reference"} if full_finetune else {"vae", "unet"})
     mismatched = [(name, got, want) for name, got, want in seen if got != want]
@@ -100,20 +101,23 @@ def _gradients_of_one_update(run, batches) -> list[torch.Tensor]:
 def test_k_micro_batches_give_the_update_of_one_batch_of_k_times_the_pairs(sd_dir, pairs_parquet, tmp_path,
                                                                             monkeypatch):
     """Gradient accumulation must average over micro-batches: 2 micro-batches of 2 pairs = 1 batch of 4 pairs (the
-    loss is a mean over pairs). Measured |difference| <= 3e-9 against gradients of ~1e-4; tolerance 1e-5 relative."""
+    loss is a mean over pairs). Measured: the two gradients (all LoRA tensors as one vector) differ by 3.2e-6 of
+    their norm (float32 sums in another order); the tolerance is 1e-4, while a missing or doubled 1/k would make
+    that ratio 0.5 or 1."""
     settings = dict(max_grad_norm=0, lr=1e-2)
-    accum = setup_run(tiny_config(sd_dir, pairs_parquet, tmp_path / "accum", batch_size=2, grad_accum=2, **settings))
-    whole = setup_run(tiny_config(sd_dir, pairs_parquet, tmp_path / "whole", batch_size=4, grad_accum=1, **settings))
-    for run in (accum, whole):  # a LoRA that already moves the prediction, the same in both runs
-        torch.manual_seed(1)
+    _fix_the_draws(monkeypatch)
+    grads = {}
+    # one run at a time: accelerate keeps one gradient-accumulation state per process
+    for name, batch_size, grad_accum, batches in (("accum", 2, 2, [[0, 1], [2, 3]]), ("whole", 4, 1, [[0, 1, 2, 3]])):
+        run = setup_run(tiny_config(sd_dir, pairs_parquet, tmp_path / name, batch_size=batch_size,
+                                    grad_accum=grad_accum, **settings))
+        torch.manual_seed(1)  # a LoRA that already moves the prediction, the same in both runs
         with torch.no_grad():
             for p in run.params:
                 p.add_(0.05 * torch.randn_like(p))
-    _fix_the_draws(monkeypatch)
-    g_accum = _gradients_of_one_update(accum, [_fixed_batch(accum, [0, 1]), _fixed_batch(accum, [2, 3])])
-    g_whole = _gradients_of_one_update(whole, [_fixed_batch(whole, [0, 1, 2, 3])])
-    assert len(g_accum) == len(g_whole) > 0 and max(g.abs().max() for g in g_whole) > 1e-6
-    for a, b in zip(g_accum, g_whole):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
-    for run in (accum, whole):
+        grads[name] = _gradients_of_one_update(run, [_fixed_batch(run, pairs) for pairs in batches])
         run.accelerator.end_training()
+    g_accum, g_whole = grads["accum"], grads["whole"]
+    assert len(g_accum) == len(g_whole) > 0 and max(g.abs().max() for g in g_whole) > 1e-6
+    a, b = torch.cat([g.flatten() for g in g_accum]), torch.cat([g.flatten() for g in g_whole])
+    assert ((a - b).norm() / b.norm()).item() < 1e-4

@@ -38,6 +38,7 @@ def test_tail_means_average_the_last_tenth():
     assert lines[0].startswith("last 10 steps (mean): loss 95.5000") and "0.731 on 300 'validation'" in lines[1]
 
 
+@pytest.mark.slow
 def test_an_sft_run_logs_the_winners_mse_and_says_it_has_no_implicit_reward(sd_dir, pairs_parquet, tmp_path, capsys):
     out = tmp_path / "sft"
     assert main(["train", "--pretrained", str(sd_dir), "--dataset", str(pairs_parquet), "--output-dir", str(out),
@@ -50,6 +51,7 @@ def test_an_sft_run_logs_the_winners_mse_and_says_it_has_no_implicit_reward(sd_d
     assert all(r["loss"] == r["model_mse_w"] > 0 for r in records)  # the loss is the winners' MSE
 
 
+@pytest.mark.slow
 def test_train_closes_with_averages_and_heldout_accuracy(sd_dir, pairs_parquet, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--pretrained", str(sd_dir), "--dataset", str(pairs_parquet), "--output-dir", str(out),
@@ -76,6 +78,7 @@ def test_only_the_shipped_toy_model_and_pairs_count_as_a_toy_run(sd_dir):
 
 
 @toy_only
+@pytest.mark.slow
 def test_a_step_changes_every_lora_parameter_and_nothing_else(tmp_path):
     run = setup_run(get_preset("toy", batch_size=8, output_dir=str(tmp_path), sample_grid=False))
     modules = {"unet": run.parts.unet, "vae": run.parts.vae, "text": run.parts.text_encoders[0]}
@@ -92,6 +95,7 @@ def test_a_step_changes_every_lora_parameter_and_nothing_else(tmp_path):
 
 
 @toy_only
+@pytest.mark.slow
 def test_first_toy_losses_match_the_golden_values(tmp_path):
     """A regression guard for the README's numbers: the toy recipe's first steps, pinned."""
     from dpo_tutorial.train import train

@@ -44,6 +44,7 @@ def bad_parquet(tmp_path_factory):
     return write_pickapic_parquet(tmp_path_factory.mktemp("bad") / "train.parquet", rows)
 
 
+@pytest.mark.slow
 def test_bad_rows_are_used_or_skipped_and_counted(sd_dir, bad_parquet, tmp_path):
     with pytest.warns(UserWarning, match=r"skipped 3 pair\(s\) whose images did not decode and 2 with an invalid"):
         history = train(base_config(sd_dir, bad_parquet, tmp_path, max_steps=6))
@@ -53,6 +54,7 @@ def test_bad_rows_are_used_or_skipped_and_counted(sd_dir, bad_parquet, tmp_path)
     assert (tmp_path / "data_summary.json").exists()
 
 
+@pytest.mark.slow
 def test_interrupted_save_leaves_previous_checkpoint(sd_dir, pairs_parquet, tmp_path, monkeypatch):
     train(base_config(sd_dir, pairs_parquet, tmp_path, max_steps=2, checkpoint_every=1))
 
@@ -150,6 +152,7 @@ def test_sigkill_at_any_moment_leaves_a_loadable_checkpoint(sd_dir, pairs_parque
     assert [r["step"] for r in resumed.records] == list(range(1, step + 3))  # logs survive the kills
 
 
+@pytest.mark.slow
 def test_non_finite_updates_are_skipped_counted_then_stop(sd_dir, pairs_parquet, tmp_path):
     """lr=1e30 makes the weights overflow: updates are skipped and logged, K=3 in a row stop the run."""
     with pytest.raises(FloatingPointError, match="3 optimizer steps in a row.*learning rate"):
@@ -160,6 +163,7 @@ def test_non_finite_updates_are_skipped_counted_then_stop(sd_dir, pairs_parquet,
     assert ckpt.list_checkpoints(tmp_path)[-1].name == f"checkpoint-{records[-1]['step']}"
 
 
+@pytest.mark.slow
 def test_fp16_gradient_overflow_is_left_to_the_grad_scaler(sd_dir, pairs_parquet, tmp_path):
     """With fp16 on a GPU, accelerate scales the loss, and overflowing gradients are routine early on.
 

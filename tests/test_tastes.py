@@ -95,6 +95,7 @@ def test_scripted_labeller_clicks_through_the_widget(tmp_path):
         store.record("left")
 
 
+@pytest.mark.slow
 def test_train_on_labels_never_empties_a_folder_that_is_not_a_run(tmp_path):
     from dpo_tutorial.toy.your_taste import train_on_labels
 

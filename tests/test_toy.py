@@ -47,6 +47,7 @@ def test_judge_is_monotone_in_the_obvious_errors():
     assert (gaps <= TIE_TOL).mean() < 0.1  # continuous: even equally right images rarely tie
 
 
+@pytest.mark.slow
 def test_shipped_pipeline_loads_offline_and_generates():
     from diffusers import StableDiffusionPipeline
 
@@ -81,6 +82,7 @@ def test_shipped_pairs_pass_the_core_loader_with_their_tie_count(split):
     assert stream.ties < 0.1 * len(labels)
 
 
+@pytest.mark.slow
 def test_short_toy_training_beats_chance_on_heldout_pairs(tmp_path):
     """40 steps at a constant lr already rank held-out pairs better than chance: the run's own closing
     measurement (implicit-reward accuracy, LoRA on vs off, 4 draws) on the 298 non-tie ``validation`` pairs
@@ -118,6 +120,7 @@ def test_shipped_pairs_keep_three_caption_combinations_out_of_training():
     assert meta["stats"]["test"]["unseen_caption_pairs"] == sum(counts[c] for c in unseen)
 
 
+@pytest.mark.slow
 def test_evaluate_toy_reports_seen_and_unseen_captions(tmp_path, capsys):
     """The CLI's JSON is evaluate_toy's result; each group's numbers recomputed by hand from the samples."""
     import json
@@ -158,6 +161,7 @@ def test_evaluate_toy_reports_seen_and_unseen_captions(tmp_path, capsys):
     assert "a red circle, a green square, a blue triangle" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_pretrain_script_smoke_run_writes_a_loadable_pipeline(tmp_path):
     """`dpo-tutorial toy pretrain` with tiny counts: a StableDiffusionPipeline folder that samples images."""
     from dpo_tutorial.sample import generate, load_pipeline
@@ -169,6 +173,7 @@ def test_pretrain_script_smoke_run_writes_a_loadable_pipeline(tmp_path):
     assert images.shape == (2, 32, 32, 3) and images.dtype == np.uint8
 
 
+@pytest.mark.slow
 def test_pairs_script_smoke_run_writes_the_three_splits(tmp_path):
     """`dpo-tutorial toy pairs` with tiny counts: three Pick-a-Pic v2 files with the judge's labels."""
     from dpo_tutorial.data import load_pickapic

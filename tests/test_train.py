@@ -13,6 +13,8 @@ from dpo_tutorial.step import dpo_step
 from dpo_tutorial.run_dir import History
 from dpo_tutorial.train import train
 
+pytestmark = pytest.mark.slow  # every test here trains
+
 
 def config(pipe, data, out, **kw):
     base = dict(pretrained=str(pipe), dataset=str(data), output_dir=str(out), resolution=32, batch_size=4,
