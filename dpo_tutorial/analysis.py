@@ -2,6 +2,9 @@
 (The first optimizer steps of a fresh run are measured by :func:`dpo_tutorial.train.first_steps`.)"""
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
 from .loss import pair_mse, per_sample_mse
@@ -178,4 +181,84 @@ def pair_errors(parts: DiffusionParts, unet, batch: dict, num_draws: int = 8, se
         for k in sums:
             sums[k] += errors[k].mean().item() / num_draws
     return sums
+
+
+# ------------------------------------------------------------------ a diffusion model small enough to compute exactly
+@dataclass
+class GaussianChain:
+    r"""A one-dimensional diffusion model in which log-likelihood, ELBO and their gap can all be computed.
+
+    Forward (noising) steps :math:`q(x_t \mid x_{t-1}) = \mathcal N(\sqrt{1-\beta_t}\,x_{t-1},\ \beta_t)` for
+    :math:`t = 1..T`; the model's reverse steps :math:`p(x_{t-1} \mid x_t) = \mathcal N(a_t x_t + c_t,\ v_t)`, started
+    from :math:`p(x_T) = \mathcal N(0, 1)`. Every step is linear-Gaussian, so the model's own
+    :math:`p(x_0)` is a Gaussian (:meth:`log_likelihood`, exact), while chains drawn from q give the ELBO
+    :math:`\mathbb E_q[\log p(x_{0:T}) - \log q(x_{1:T} \mid x_0)] \le \log p(x_0)` by Monte Carlo
+    (:meth:`forward_chains`, :meth:`log_ratios`). The gap is :math:`\mathrm{KL}(q(x_{1:T} \mid x_0)\,\|\,p(x_{1:T} \mid x_0))`.
+    """
+
+    betas: torch.Tensor  # (T,) the forward schedule β_1..β_T (float64)
+    a: torch.Tensor  # (T,) reverse step t: mean a_t x_t + c_t ...
+    c: torch.Tensor  # (T,)
+    v: torch.Tensor  # (T,) ... and variance v_t
+
+    @classmethod
+    def exact_reverse(cls, betas, data_mean: float = 0.0, data_var: float = 1.0, shift: float = 0.0) -> "GaussianChain":
+        r"""The model whose every reverse step is the Gaussian :math:`q(x_{t-1} \mid x_t)` of data
+        :math:`x_0 \sim \mathcal N(m, s^2)` (``data_mean``, ``data_var``), with each step's mean moved by ``shift``.
+
+        With :math:`V_t = \bar\alpha_t s^2 + 1 - \bar\alpha_t` the variance of :math:`x_t`:
+        :math:`a_t = \sqrt{\alpha_t}\,V_{t-1}/V_t`, :math:`c_t = \sqrt{\bar\alpha_{t-1}}\,m - a_t\sqrt{\bar\alpha_t}\,m`,
+        :math:`v_t = \beta_t V_{t-1}/V_t`. ``shift = 0`` is a perfect model of that data (up to :math:`p(x_T)`, which is
+        exact when :math:`m = 0, s^2 = 1`); any other shift makes every step a little wrong.
+        """
+        betas = torch.as_tensor(betas, dtype=torch.float64)  # (T,)
+        alphas = 1 - betas
+        abar = torch.cumprod(alphas, 0)  # (T,) ᾱ_1..ᾱ_T
+        abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])  # (T,) ᾱ_0..ᾱ_{T-1}
+        var, var_prev = abar * data_var + 1 - abar, abar_prev * data_var + 1 - abar_prev  # (T,) V_t, V_{t-1}
+        a = alphas.sqrt() * var_prev / var  # Cov(x_{t-1}, x_t) / Var(x_t)
+        c = abar_prev.sqrt() * data_mean - a * abar.sqrt() * data_mean + shift
+        return cls(betas, a, c, betas * var_prev / var)
+
+    @property
+    def num_steps(self) -> int:
+        """T, the number of noising steps."""
+        return self.betas.shape[0]
+
+    def log_likelihood(self, x0: torch.Tensor) -> torch.Tensor:
+        r"""Exact :math:`\log p(x_0)` of the ``(N,)`` points: the reverse chain's marginal, a Gaussian whose mean and
+        variance run back from :math:`(0, 1)` at :math:`x_T` through :math:`m \leftarrow a_t m + c_t`,
+        :math:`V \leftarrow a_t^2 V + v_t`."""
+        mean, var = torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64)
+        for t in reversed(range(self.num_steps)):
+            mean, var = self.a[t] * mean + self.c[t], self.a[t] ** 2 * var + self.v[t]
+        return gaussian_log_density(torch.as_tensor(x0, dtype=torch.float64), mean, var)  # (N,)
+
+    def forward_chains(self, x0: torch.Tensor, num_chains: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        r"""``num_chains`` noising chains :math:`x_{1:T} \sim q(\cdot \mid x_0)` from each of the ``(N,)`` points:
+        ``(num_chains, N, T + 1)``, ``[..., 0]`` being :math:`x_0` itself."""
+        x0 = torch.as_tensor(x0, dtype=torch.float64)
+        xs = [x0.expand(num_chains, -1)]  # (num_chains, N) each
+        for beta in self.betas:
+            noise = torch.randn(xs[-1].shape, generator=generator, dtype=torch.float64)
+            xs.append((1 - beta).sqrt() * xs[-1] + beta.sqrt() * noise)
+        return torch.stack(xs, dim=-1)  # (num_chains, N, T + 1)
+
+    def log_ratios(self, chains: torch.Tensor) -> torch.Tensor:
+        r""":math:`\log p(x_{0:T}) - \log q(x_{1:T} \mid x_0)` of each chain of :meth:`forward_chains`: ``(num_chains, N)``.
+
+        Their mean over the chains is the ELBO; the log of their mean of exponentials is :math:`\log p(x_0)`
+        (importance sampling), which Jensen's inequality puts above the ELBO.
+        """
+        prev, nxt = chains[..., :-1], chains[..., 1:]  # (C, N, T): x_{t-1} and x_t
+        log_p = gaussian_log_density(prev, self.a * nxt + self.c, self.v).sum(-1)  # Σ_t log p(x_{t-1} | x_t)
+        standard = torch.ones((), dtype=torch.float64)  # p(x_T) = N(0, 1)
+        log_p = log_p + gaussian_log_density(chains[..., -1], 0 * standard, standard)  # + log p(x_T)
+        log_q = gaussian_log_density(nxt, (1 - self.betas).sqrt() * prev, self.betas).sum(-1)  # Σ_t log q(x_t | x_{t-1})
+        return log_p - log_q  # (C, N)
+
+
+def gaussian_log_density(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    r""":math:`\log \mathcal N(x;\ \text{mean}, \text{var})`, elementwise (broadcasting)."""
+    return -0.5 * (torch.log(var) + (x - mean) ** 2 / var) - 0.5 * math.log(2 * math.pi)
 

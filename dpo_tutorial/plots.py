@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from .data import decode_image, pair_order
-from .loss import loss_from_logits
+from .loss import loss_from_logits, per_pair_weights
 
 
 def logsigmoid_figure():
@@ -293,6 +293,83 @@ def labels_curve_figure(rows_by_seed: dict):
     ax.set_xticks(counts, [str(c) for c in counts])
     ax.set(xlabel="labelled pairs", ylabel="win-rate of DPO over base", ylim=(0.3, 1.0),
            title="how many labels does a taste take?")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def forward_chain_figure(image: torch.Tensor, alphas_cumprod: torch.Tensor, timesteps=(0, 50, 200, 500, 999),
+                         generator: torch.Generator | None = None):
+    r"""The forward (noising) chain on one ``(3, H, W)`` image in [-1, 1]: :math:`x_t = \sqrt{\bar\alpha_t}\,x_0 +
+    \sqrt{1-\bar\alpha_t}\,\epsilon` at each of ``timesteps``, with one ε for all of them (``alphas_cumprod``: the
+    scheduler's :math:`\bar\alpha`, indexed by t). The first panel is :math:`x_0`."""
+    x0 = image.detach().double().cpu()  # (3, H, W)
+    noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64)  # one ε for the whole chain
+    abar = alphas_cumprod.detach().double().cpu()
+    fig, ax = plt.subplots(1, len(timesteps) + 1, figsize=(1.8 * (len(timesteps) + 1), 2.3), squeeze=False)
+    panels = [(x0, r"$x_0$ (the image)")]
+    for t in timesteps:
+        x_t = abar[t].sqrt() * x0 + (1 - abar[t]).sqrt() * noise  # (3, H, W)
+        panels.append((x_t, f"t = {t}\n" + r"$\sqrt{\bar\alpha_t}$" + f" = {abar[t].sqrt().item():.2f}"))
+    for a, (x, title) in zip(ax[0], panels):
+        a.imshow(((x.permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy())
+        a.set_xticks([]), a.set_yticks([])
+        a.set_title(title, fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def elbo_figure(x0, log_likelihood, elbo, shifts, gaps):
+    """Left: a model's exact :math:`\\log p(x_0)` and its ELBO over the points ``x0`` (the ELBO lies below, by the
+    gap :math:`\\mathrm{KL}(q(x_{1:T}|x_0)\\,\\|\\,p(x_{1:T}|x_0))`). Right: that gap at one point against how wrong the
+    model's steps are (``shifts``: the error of each reverse step's mean; ``gaps``: log p - ELBO for each)."""
+    x0, log_likelihood, elbo = (np.asarray(v, dtype=float) for v in (x0, log_likelihood, elbo))
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.4))
+    ax[0].plot(x0, log_likelihood, color="C0", label=r"$\log p_\theta(x_0)$ (exact)")
+    ax[0].plot(x0, elbo, color="C1", ls="--", label="ELBO (average over noising chains)")
+    ax[0].fill_between(x0, elbo, log_likelihood, color="C1", alpha=0.25, label="gap")
+    ax[0].set(xlabel=r"$x_0$", ylabel="nats", title="the ELBO is a lower bound on the log-likelihood")
+    ax[0].legend(fontsize=8)
+    ax[1].plot(np.asarray(shifts, dtype=float), np.asarray(gaps, dtype=float), marker="o", color="C1")
+    ax[1].axhline(0, color="grey", ls=":", lw=1)
+    ax[1].set(xlabel="error of every reverse step's mean (0: the exact reverse of q)",
+              ylabel=r"$\log p_\theta(x_0)$ − ELBO", title="the gap: how far the model's chains are from q's")
+    fig.tight_layout()
+    return fig
+
+
+def beta_saturation_figure(betas=(250, 1000, 5000), gap_max: float = 0.02):
+    """Per-pair loss (left) and gradient weight :math:`\\sigma(-z)` (right) against ``model_diff - ref_diff`` for each
+    β, with :math:`z = -\\tfrac{\\beta}{2}(\\text{model\\_diff} - \\text{ref\\_diff})`. A dotted line marks where a
+    right-ranked pair's weight has fallen to 0.1: at ``model_diff - ref_diff`` :math:`= -2\\ln 9/\\beta`."""
+    gap = torch.linspace(-gap_max, gap_max, 401)
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.4), sharex=True)
+    for k, beta in enumerate(betas):
+        z = -0.5 * beta * gap
+        ax[0].plot(gap, -torch.nn.functional.logsigmoid(z), color=f"C{k}", label=f"β = {beta:g}")
+        ax[1].plot(gap, torch.sigmoid(-z), color=f"C{k}", label=f"β = {beta:g}")
+        for a in ax:
+            a.axvline(-2 * np.log(9) / beta, color=f"C{k}", ls=":", lw=1)
+    ax[0].axhline(np.log(2), color="grey", lw=0.8)
+    ax[0].set(xlabel="model_diff − ref_diff (per element)", ylabel="per-pair loss", title=r"loss $-\log\sigma(z)$",
+              ylim=(0, 5))
+    ax[1].set(xlabel="model_diff − ref_diff (per element)", ylabel=r"weight $\sigma(-z)$",
+              title="how hard each pair still pulls (dotted: weight 0.1)")
+    ax[0].legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def pair_weights_figure(logits: torch.Tensor):
+    """Each pair's gradient weight, times B, pairs sorted by their logit: the paper's :math:`\\sigma(-z_i)` (bars) and
+    the mean-inside form's one shared weight :math:`\\sigma(-\\bar z)` (line), from :func:`~dpo_tutorial.loss.per_pair_weights`."""
+    z = logits.detach().float().cpu()
+    order = z.argsort()
+    paper, legacy = (per_pair_weights(z, kind)[order] * len(z) for kind in ("sigmoid", "legacy_mean_inside"))
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.bar(range(len(z)), paper, alpha=0.7, label=r"paper, mean outside: $\sigma(-z_i)$")
+    ax.plot(range(len(z)), legacy, color="C3", label=r"mean inside (first diffusers version): $\sigma(-\bar z)$")
+    ax.set(xlabel="pairs, sorted by logit z (worst ranked first)", ylabel="gradient weight × B")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -68,3 +68,43 @@ def test_figures_pin_threads_and_seeds():
         assert torch.equal(first[0], torch.rand(3)) and np.array_equal(first[1], np.random.rand(3))
     finally:
         torch.set_num_threads(before)
+
+
+def test_forward_chain_figure_shows_the_image_then_ever_noisier_copies():
+    image = torch.linspace(-1, 1, 3 * 8 * 8).reshape(3, 8, 8)
+    abar = torch.linspace(0.999, 0.001, 1000)
+    fig = plots.forward_chain_figure(image, abar, timesteps=(0, 500, 999), generator=torch.Generator().manual_seed(0))
+    shown = [a.get_images()[0].get_array() for a in fig.axes]
+    assert len(shown) == 4
+    np.testing.assert_allclose(shown[0], ((image.permute(1, 2, 0) + 1) / 2).numpy(), atol=1e-6)
+    distance = [np.abs(s - shown[0]).mean() for s in shown]  # from the clean image
+    assert distance[1] < distance[2] < distance[3]
+
+
+def test_elbo_figure_draws_the_bound_below_the_log_likelihood():
+    x0 = np.linspace(-2, 2, 5)
+    log_p, elbo = -x0 ** 2, -x0 ** 2 - 0.3
+    fig = plots.elbo_figure(x0, log_p, elbo, shifts=[0.0, 0.2], gaps=[0.0, 0.1])
+    left = fig.axes[0].lines
+    np.testing.assert_allclose(left[0].get_ydata(), log_p)
+    np.testing.assert_allclose(left[1].get_ydata(), elbo)
+    np.testing.assert_allclose(fig.axes[1].lines[0].get_ydata(), [0.0, 0.1])
+
+
+def test_beta_saturation_figure_marks_where_the_weight_falls_to_a_tenth():
+    betas = (250, 5000)
+    fig = plots.beta_saturation_figure(betas, gap_max=0.02)
+    weights = fig.axes[1]
+    curves = [line for line in weights.lines if len(line.get_xdata()) > 2]
+    marks = [line.get_xdata()[0] for line in weights.lines if len(line.get_xdata()) == 2]
+    for beta, curve, mark in zip(betas, curves, marks):
+        assert mark == pytest.approx(-2 * np.log(9) / beta)
+        assert np.interp(mark, curve.get_xdata(), curve.get_ydata()) == pytest.approx(0.1, abs=0.01)
+
+
+def test_pair_weights_figure_shows_sigmoid_weights_and_one_legacy_weight():
+    z = torch.tensor([2.0, -1.0, 0.5, 3.0])
+    fig = plots.pair_weights_figure(z)
+    bars = [p.get_height() for p in fig.axes[0].patches]
+    np.testing.assert_allclose(bars, torch.sigmoid(-z.sort().values).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), torch.sigmoid(-z.mean()).item(), rtol=1e-6)
