@@ -175,7 +175,8 @@ PRESETS: dict[str, dict] = {
                 sample_steps=25, guidance_scale=1.0,
                 # a 32-px image takes 1/256 of a 512-px one's VAE memory: 256 per call weigh what SD 1.5's 8 do
                 vae_encode_batch_size=256),
-    # SD 1.5 on one Colab GPU. beta 5000 = the diffusers SD script's beta_dpo 2500.
+    # SD 1.5 on one Colab GPU. beta 5000: the official launcher's (the paper's SD 1.5 runs used 2000), = the diffusers
+    # SD script's beta_dpo 2500.
     "sd15": dict(pretrained="stable-diffusion-v1-5/stable-diffusion-v1-5",
                  dataset="yuvalkirstain/pickapic_v2", streaming=True, resolution=512,
                  batch_size=2, grad_accum=8, lr=1e-5, beta=5000.0, rank=8, max_steps=2000,

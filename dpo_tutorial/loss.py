@@ -20,10 +20,11 @@ and the paper's loss is
 (the paper writes :math:`-\beta T \omega(\lambda_t)`; :math:`T` and the weighting are folded into
 :math:`\beta`, and the ``1/2`` is kept as in the official code and the diffusers SDXL script).
 
-**β convention.** ``beta`` here is the paper's β (2000 for SD 1.5, 5000 for SDXL in the paper). The
-diffusers SD 1.5 script writes ``-logsigmoid(beta_dpo * (ref_diff - model_diff))``: its ``beta_dpo``
-equals **half** of this β (its default 2500 is β = 5000 here). The diffusers SDXL script and the
-official code use this file's convention.
+**β convention.** ``beta`` here is the paper's β: the paper reports 2000 for SD 1.5 and 5000 for SDXL (and
+that β in [2000, 5000] works), while the official code's launchers pass 5000 for both. The diffusers SD 1.5
+script writes ``-logsigmoid(beta_dpo * (ref_diff - model_diff))``: its ``beta_dpo`` equals **half** of this β
+(its default 2500 is β = 5000 here). The diffusers SDXL script and the official code use this file's
+convention.
 """
 from __future__ import annotations
 
