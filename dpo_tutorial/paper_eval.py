@@ -46,7 +46,8 @@ from .data import DataError
 
 SETTINGS_FILE, PROMPTS_FILE, IMPLICIT_FILE = "settings.json", "prompts.jsonl", "implicit.jsonl"
 REPORT_FILE = "report.json"
-OWN_FILES = {SETTINGS_FILE, PROMPTS_FILE, IMPLICIT_FILE, REPORT_FILE, "images"}
+PROMPT_KEYS = ("index", "caption", "seed", "base_score", "tuned_score", "base_image", "tuned_image", "seconds")
+CHUNK_KEYS = ("chunk", "rows", "pairs", "right", "seconds")
 PROMPT_FILE_SUFFIXES = (".txt", ".tsv", ".csv", ".json")
 PROMPT_COLUMNS = ("prompt", "caption", "text")  # PartiPrompts' TSV calls its column "Prompt"
 
@@ -154,6 +155,8 @@ def prepare_out_dir(out_dir: str | Path, settings: PaperEvalSettings) -> Path:
             before = json.loads(saved.read_text())
         except ValueError as err:
             raise ConfigError(f"{saved} is not valid JSON ({err}): delete {out} to start over") from err
+        if not isinstance(before, dict):
+            raise ConfigError(f"{saved} holds no settings object: delete {out} to start over")
         now = settings.to_dict()
         changed = [f"{k} {before.get(k)!r} -> {now[k]!r}" for k in now if before.get(k) != now[k]]
         if changed:
@@ -169,10 +172,12 @@ def prepare_out_dir(out_dir: str | Path, settings: PaperEvalSettings) -> Path:
     return out
 
 
-def read_log(path: Path) -> list[dict]:
+
+def read_log(path: Path, keys: tuple[str, ...] = ()) -> list[dict]:
     """The records of an append-only JSON-lines log; a last line cut short by a crash is dropped from the file.
 
-    A damaged line before the last is a ``DataError`` naming the file and the line.
+    A damaged line before the last, or a record without one of ``keys``, is a ``DataError`` naming the file
+    and the line.
     """
     if not path.is_file():
         return []
@@ -182,12 +187,17 @@ def read_log(path: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError as err:
             if any(rest.strip() for rest in lines[number:]):
                 raise DataError(f"{path} line {number} is not JSON ({err}): delete the folder to start over") from err
             good = b"".join(kept + b"\n" for kept in lines[:number - 1] if kept.strip())
             path.write_bytes(good)  # drop the torn last line, so the next append starts on a fresh line
+            break
+        missing = [k for k in keys if k not in record] if isinstance(record, dict) else list(keys) or ["an object"]
+        if missing:
+            raise DataError(f"{path} line {number} lacks {', '.join(missing)}: delete the folder to start over")
+        records.append(record)
     return records
 
 
@@ -362,7 +372,7 @@ def sample_and_score(models: Models, out: Path, captions: list[str], settings: P
     from .sample import generate
 
     log = out / PROMPTS_FILE
-    done = {r["index"]: r for r in read_log(log)}
+    done = {r["index"]: r for r in read_log(log, PROMPT_KEYS)}
     for index, record in done.items():
         if index >= len(captions) or record["caption"] != captions[index]:
             raise DataError(f"{log} records prompt {index} as {record['caption']!r}, but the captions now give "
@@ -410,7 +420,7 @@ def score_pairs(models: Models, out: Path, settings: PaperEvalSettings, progress
     from .evaluate import implicit_reward_accuracy
 
     log = out / IMPLICIT_FILE
-    records = read_log(log)
+    records = read_log(log, CHUNK_KEYS)
     for k, record in enumerate(records):
         if record.get("chunk") != k:
             raise DataError(f"{log} line {k + 1} records chunk {record.get('chunk')!r}, expected {k}: delete the "

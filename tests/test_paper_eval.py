@@ -270,6 +270,12 @@ def test_read_log_drops_a_torn_last_line_and_refuses_a_damaged_middle_one(tmp_pa
     log.write_text('{"index": 0}\n{"ind\n{"index": 2}\n')
     with pytest.raises(DataError, match="prompts.jsonl line 2 is not JSON"):
         read_log(log)
+    log.write_text('{"index": 0, "seed": 0}\n{"index": 1}\n[1, 2]\n')
+    with pytest.raises(DataError, match="prompts.jsonl line 2 lacks seed"):
+        read_log(log, ("index", "seed"))
+    log.write_text('{"index": 0, "seed": 0}\n[1, 2]\n')
+    with pytest.raises(DataError, match="line 2 lacks index, seed"):
+        read_log(log, ("index", "seed"))
 
 
 def test_captions_from_prompt_files_and_pickapic_datasets(tmp_path, pairs_parquet):
