@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import GUIDANCE_SCALE, PAIRS_DIR, PIPELINE_DIR, SAMPLE_STEPS, judge, world
 from ..evaluate import EvalResult
+from . import GUIDANCE_SCALE, PAIRS_DIR, PIPELINE_DIR, SAMPLE_STEPS, judge, world
 from .pairs import UNSEEN_CAPTIONS
 
 EVAL_SEED_BASE = 3_000_000_000
