@@ -53,6 +53,7 @@ def test_durations_read_at_a_sensible_unit():
         "40 s", "12 min", "3.5 h", "2.1 days", "4,000 years"]
 
 
+@pytest.mark.slow
 @toy_only
 def test_evaluate_shows_progress_on_stderr_and_keeps_stdout_one_json_line(toy_lora, capsys):
     import json
@@ -73,6 +74,7 @@ def _poisoned_copy(lora_dir, target, value):
     return name
 
 
+@pytest.mark.slow
 @toy_only
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_a_lora_with_non_finite_tensors_is_refused_in_one_line(toy_lora, tmp_path, capsys, value):
@@ -82,6 +84,7 @@ def test_a_lora_with_non_finite_tensors_is_refused_in_one_line(toy_lora, tmp_pat
     assert err.count("\n") == 1 and "NaN or infinite values in 1 of its" in err and name in err, err
 
 
+@pytest.mark.slow
 def test_load_with_lora_refuses_a_nan_lora_and_accepts_a_finite_one(sd_dir, pairs_parquet, tmp_path):
     from dpo_tutorial.config import TrainConfig
     from dpo_tutorial.evaluate import load_with_lora

@@ -118,6 +118,7 @@ def test_shipped_pairs_keep_three_caption_combinations_out_of_training():
     assert meta["stats"]["test"]["unseen_caption_pairs"] == sum(counts[c] for c in unseen)
 
 
+@pytest.mark.slow
 def test_evaluate_toy_reports_seen_and_unseen_captions(tmp_path, capsys):
     """The CLI's JSON is evaluate_toy's result; each group's numbers recomputed by hand from the samples."""
     import json
