@@ -9,9 +9,11 @@ each (the same total work as one seed on two threads, ~1.4x the throughput). The
 order, the noise, the timesteps and the LoRA initialisation, so the spread over seeds stands in for the
 drift between machines (other CPUs take other floating-point paths through the same run).
 
-Prints a Markdown table, the mean ± sd, the worst seed, and whether every seed passes the thresholds
-of issue 16: win-rate ≥ 0.65 with CI low > 0.55, judge accuracy gain ≥ 20 points, implicit-reward
-accuracy ≥ 0.70, and a mean win-rate ≥ 0.70. Results also go to ``<out>/seeds.json``.
+Prints a Markdown table, the mean ± sd, the worst seed, and whether every seed passes the thresholds:
+win-rate ≥ 0.65 with CI low > 0.55, judge accuracy gain ≥ 20 points, implicit-reward accuracy ≥ 0.70,
+and a mean win-rate ≥ 0.70, all on the *seen* captions (the ones the training pairs show, new seeds).
+The *unseen* captions (colour x shape combinations no training pair shows) get their own columns: whether
+the effect carries over to them is reported, not required. Results also go to ``<out>/seeds.json``.
 
 The README's table is this script's output: ``--write-readme README.md`` replaces the block between
 ``<!-- toy-seeds:start -->`` and ``<!-- toy-seeds:end -->``; ``--from-json <out>/seeds.json`` rewrites it
@@ -58,35 +60,59 @@ def run_seed(seed: int, out: Path, train_args: list[str], threads: int) -> dict:
                           capture_output=True, text=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     (run_dir / "eval.json").write_text(json.dumps(result))
-    return {"seed": seed, **result, "gain": result["dpo_accuracy"] - result["base_accuracy"],
-            "train_seconds": round(t_train, 1)}
+    return {"seed": seed, **result, "train_seconds": round(t_train, 1)}
+
+
+def group(row: dict, name: str) -> dict:
+    """One caption group's numbers of a seed's row, with ``gain`` (DPO minus base judge accuracy).
+
+    A sweep from before the held-out captions existed has no groups: every caption was seen in training,
+    so its whole-set numbers are the seen ones (and there are no unseen ones).
+    """
+    numbers = row.get(name, row if name == "seen" else None)
+    if numbers is None:
+        return {}
+    return {**numbers, "gain": numbers["dpo_accuracy"] - numbers["base_accuracy"]}
 
 
 def passes(row: dict) -> bool:
-    """Whether one seed meets every per-seed threshold."""
-    return (row["win_rate"] >= THRESHOLDS["win_rate"] and row["win_rate_ci_low"] > THRESHOLDS["win_rate_ci_low"]
-            and row["gain"] >= THRESHOLDS["gain"] and row["implicit_acc"] >= THRESHOLDS["implicit_acc"])
+    """Whether one seed meets every per-seed threshold on the seen captions."""
+    seen = group(row, "seen")
+    return (seen["win_rate"] >= THRESHOLDS["win_rate"] and seen["win_rate_ci_low"] > THRESHOLDS["win_rate_ci_low"]
+            and seen["gain"] >= THRESHOLDS["gain"] and seen["implicit_acc"] >= THRESHOLDS["implicit_acc"])
+
+
+def cells(numbers: dict) -> str:
+    """``win-rate [CI] | judge accuracy base → DPO | implicit acc.`` of one group (dashes when absent)."""
+    if not numbers:
+        return "– | – | –"
+    return (f"{numbers['win_rate']:.3f} [{numbers['win_rate_ci_low']:.3f}, {numbers['win_rate_ci_high']:.3f}] | "
+            f"{numbers['base_accuracy']:.3f} → {numbers['dpo_accuracy']:.3f} | {numbers['implicit_acc']:.3f}")
 
 
 def table(rows: list[dict]) -> str:
-    """The per-seed Markdown table with mean ± sd and the worst seed."""
-    lines = ["| seed | win-rate [95% CI] | judge accuracy base → DPO | implicit-reward acc. | passes |",
-             "|---|---|---|---|---|"]
+    """The per-seed Markdown table (seen and unseen captions side by side) with mean ± sd and the worst seed."""
+    lines = ["| seed | seen: win-rate [95% CI] | seen: judge acc. base → DPO | seen: implicit acc. "
+             "| unseen: win-rate [95% CI] | unseen: judge acc. base → DPO | unseen: implicit acc. | passes |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['seed']} | {r['win_rate']:.3f} [{r['win_rate_ci_low']:.3f}, {r['win_rate_ci_high']:.3f}]"
-                     f" | {r['base_accuracy']:.3f} → {r['dpo_accuracy']:.3f} | {r['implicit_acc']:.3f}"
-                     f" | {'yes' if passes(r) else 'NO'} |")
+        lines.append(f"| {r['seed']} | {cells(group(r, 'seen'))} | {cells(group(r, 'unseen'))} "
+                     f"| {'yes' if passes(r) else 'NO'} |")
 
-    def ms(key):
-        vals = [r[key] for r in rows]
+    def ms(name, key):
+        vals = [group(r, name)[key] for r in rows if group(r, name)]
+        if not vals:
+            return "–"
         sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
         return f"{statistics.mean(vals):.3f} ± {sd:.3f}"
 
-    worst = min(rows, key=lambda r: r["win_rate"])
-    lines.append(f"| mean ± sd | {ms('win_rate')} | {ms('dpo_accuracy')} (gain {ms('gain')}) | "
-                 f"{ms('implicit_acc')} | |")
-    lines.append(f"| worst (seed {worst['seed']}) | {worst['win_rate']:.3f} | gain {worst['gain']:+.3f} | "
-                 f"{min(r['implicit_acc'] for r in rows):.3f} (lowest) | |")
+    means = [f"{ms(g, 'win_rate')} | {ms(g, 'dpo_accuracy')} (gain {ms(g, 'gain')}) | {ms(g, 'implicit_acc')}"
+             for g in ("seen", "unseen")]
+    lines.append(f"| mean ± sd | {means[0]} | {means[1]} | |")
+    worst = min(rows, key=lambda r: group(r, "seen")["win_rate"])
+    lowest = min(group(r, "seen")["implicit_acc"] for r in rows)
+    lines.append(f"| worst seen (seed {worst['seed']}) | {group(worst, 'seen')['win_rate']:.3f} | gain "
+                 f"{group(worst, 'seen')['gain']:+.3f} | {lowest:.3f} (lowest) | | | | |")
     return "\n".join(lines)
 
 
@@ -105,13 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         sweep = run_sweep(args)
     ok = all(passes(r) for r in sweep["rows"]) and statistics.mean(
-        r["win_rate"] for r in sweep["rows"]) >= THRESHOLDS["mean_win_rate"]
+        group(r, "seen")["win_rate"] for r in sweep["rows"]) >= THRESHOLDS["mean_win_rate"]
     report = (f"{len(sweep['rows'])} seeds on {sweep['cpu']}, `dpo-tutorial train` flags: "
               f"{' '.join(sweep['train_args']) or 'none (the toy preset)'}\n\n{table(sweep['rows'])}\n\n"
               f"A seed passes with win-rate >= {THRESHOLDS['win_rate']} and CI low > {THRESHOLDS['win_rate_ci_low']}, "
               f"a judge-accuracy gain >= {THRESHOLDS['gain']:.2f} and implicit-reward accuracy >= "
-              f"{THRESHOLDS['implicit_acc']}. Every seed passes and the mean win-rate is >= "
-              f"{THRESHOLDS['mean_win_rate']}: {'yes' if ok else 'NO'}.")
+              f"{THRESHOLDS['implicit_acc']}, all on the seen captions (the unseen ones are reported, not "
+              f"required). Every seed passes and the mean seen win-rate is >= {THRESHOLDS['mean_win_rate']}: "
+              f"{'yes' if ok else 'NO'}.")
     print(report)
     if args.write_readme:
         write_block(Path(args.write_readme), report)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import types
@@ -15,12 +16,21 @@ import typing
 from pathlib import Path
 
 from .cache import build_cache
-from .config import PRESET_NAMES, TOY_PAIRS_DIR, TOY_PIPELINE_DIR, TrainConfig, get_preset
+from .config import (
+    PRESET_NAMES,
+    TOY_PAIRS_DIR,
+    TOY_PIPELINE_DIR,
+    TrainConfig,
+    get_preset,
+)
 from .errors import ConfigError, UserError
 from .figures import make_figures
+from .paper_eval import PaperEvalSettings, report_lines, run_paper_eval
 from .run_dir import History, plan_rerun
 from .summary import format_summary
 from .toy import pairs, pretrain
+from .toy.evaluation import check_toy_counts, evaluate_toy
+from .toy.pairs import UNSEEN_CAPTIONS
 from .train import train
 
 
@@ -95,15 +105,47 @@ def build_parser(preset: str = "toy") -> argparse.ArgumentParser:
     cache.add_argument("--out", required=True, help="folder to write the cache to")
     cache.add_argument("--preset", default="toy", choices=PRESET_NAMES, help="named recipe the flags override")
     add_config_flags(cache, preset)
-    ev = sub.add_parser("evaluate", help="base vs DPO on the toy world: judge accuracy, win-rate, implicit accuracy",
-                        description="Sample base and DPO images for the same held-out captions and seeds, score "
-                                    "them with the toy judge, and measure implicit-reward accuracy on held-out pairs; "
-                                    "each reported for the captions the training pairs show (new seeds) and for "
-                                    "those they never show.")
-    ev.add_argument("--lora", required=True, help="folder holding pytorch_lora_weights.safetensors (a train output)")
-    ev.add_argument("--per-caption", type=int, default=40, help="images per caption and model (12 captions; default 40)")
-    ev.add_argument("--num-draws", type=int, default=8, help="noise/timestep draws per held-out pair (default 8)")
+    ev = sub.add_parser("evaluate", help="base vs DPO: the toy world, or a real SD 1.5 / SDXL model as the paper "
+                                         "measures",
+                        description="Toy world (--lora only): sample base and DPO images for the same held-out "
+                                    "captions and seeds, score them with the toy judge, and measure implicit-reward "
+                                    "accuracy on held-out pairs; each reported for the captions the training pairs "
+                                    "show (new seeds) and for those they never show. Real models (--pretrained with "
+                                    "--lora or --unet, and --out): implicit-reward accuracy on Pick-a-Pic pairs and "
+                                    "PickScore of base vs tuned images on a caption set, saved as they are made so "
+                                    "that a rerun continues an interrupted evaluation (docs/REPRODUCE.md gives one "
+                                    "command per number of the paper).")
+    ev.add_argument("--lora", help="folder holding pytorch_lora_weights.safetensors (a train output)")
+    ev.add_argument("--per-caption", type=int, help="toy: images per caption and model (12 captions; default 40)")
+    ev.add_argument("--num-draws", type=int, help="noise/timestep draws per held-out pair (default 8)")
     ev.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    real = ev.add_argument_group("real models (the paper's measurements; needs --pretrained and --out)")
+    real.add_argument("--pretrained", help="base pipeline: SD 1.x or SDXL folder or hub id (the reference model)")
+    real.add_argument("--unet", help="tuned full UNet instead of --lora: folder or hub id, e.g. "
+                                     "mhdang/dpo-sd1.5-text2image-v1 (a unet/ subfolder is found)")
+    real.add_argument("--vae", help="replacement VAE, e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in float16")
+    real.add_argument("--out", help="folder for images, per-prompt logs and report.json; rerun to continue")
+    real.add_argument("--captions", help="captions for PickScore: a Pick-a-Pic-format dataset (hub id, folder, "
+                                         ".parquet) or a .txt/.tsv/.csv/.json prompt file (PartiPrompts.tsv, HPSv2)")
+    real.add_argument("--captions-split", help="split of a --captions dataset (default validation_unique)")
+    real.add_argument("--num-prompts", type=int, help="first N distinct captions (default 500, at most 10,000)")
+    real.add_argument("--pairs", help="Pick-a-Pic-format pairs for the implicit-reward accuracy (hub id, folder, "
+                                      ".parquet)")
+    real.add_argument("--pairs-split", help="split of --pairs (default validation)")
+    real.add_argument("--max-pairs", type=int, help="score at most N non-tie pairs (default and bound 50,000)")
+    real.add_argument("--pair-batch", type=int, help="rows read, scored and logged at a time (default 64)")
+    real.add_argument("--steps", type=int, help="sampling steps (default 50)")
+    real.add_argument("--guidance-scale", type=float, help="classifier-free guidance (default 7.5)")
+    real.add_argument("--resolution", type=int, help="pixels (default: the model's own, 512 SD 1.5, 1024 SDXL)")
+    real.add_argument("--seed", type=int, help="prompt i is sampled with seed + i for both models (default 0)")
+    real.add_argument("--pickscore-model", help="PickScore weights (default yuvalkirstain/PickScore_v1)")
+    real.add_argument("--pickscore-processor", help="its processor (default laion/CLIP-ViT-H-14-laion2B-s32B-b79K)")
+    real.add_argument("--streaming", action="store_true", default=None,
+                      help="stream captions and pairs (only the rows used are downloaded)")
+    real.add_argument("--dtype", choices=["auto", "float16", "bfloat16", "float32"],
+                      help="model weights (default auto: float16 on a GPU, float32 on a CPU)")
+    real.add_argument("--device", help="torch device (default cuda when available, else cpu)")
+    real.add_argument("--sample-batch", type=int, default=4, help="prompts sampled at once (memory only; default 4)")
     fig = sub.add_parser("figures", help="regenerate every PNG in figures/ (trains one short toy run)")
     fig.add_argument("--out", default="figures", help="output folder (default: figures)")
     toy = sub.add_parser("toy", help="rebuild the shipped toy assets (tiny-sd-shapes, pickapic-shapes)")
@@ -167,16 +209,47 @@ def run_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+PAPER_ONLY_FLAGS = ("unet", "vae", "out", "captions", "captions_split", "num_prompts", "pairs", "pairs_split",
+                    "max_pairs", "pair_batch", "steps", "guidance_scale", "resolution", "seed", "pickscore_model",
+                    "pickscore_processor", "streaming", "dtype", "device")
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
-    """``dpo-tutorial evaluate``: the toy evaluation, as a table or one JSON object."""
-    from pathlib import Path
+    """``dpo-tutorial evaluate``: the toy evaluation, or a real model's (``--pretrained``); a table or JSON."""
 
-    from .toy.evaluation import check_toy_counts
-
-    check_toy_counts(args.per_caption, args.num_draws, ("--per-caption", "--num-draws"))
+    if args.pretrained:
+        return run_paper_evaluation(args)
+    given = [f"--{name.replace('_', '-')}" for name in PAPER_ONLY_FLAGS if getattr(args, name) is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)} evaluate a real model: pass --pretrained (the base pipeline) too")
+    if not args.lora:
+        raise ConfigError("pass --lora DIR (a toy train output), or --pretrained with --lora or --unet for a real "
+                          "model")
+    per_caption = 40 if args.per_caption is None else args.per_caption
+    num_draws = 8 if args.num_draws is None else args.num_draws
+    check_toy_counts(per_caption, num_draws, ("--per-caption", "--num-draws"))
     if not (Path(args.lora) / "pytorch_lora_weights.safetensors").exists():
         raise ConfigError(f"--lora {args.lora!r} holds no pytorch_lora_weights.safetensors: pass a train output dir")
-    print_toy_evaluation(args.lora, args.per_caption, args.num_draws, args.json, progress=True)
+    print_toy_evaluation(args.lora, per_caption, num_draws, args.json, progress=True)
+    return 0
+
+
+def run_paper_evaluation(args: argparse.Namespace) -> int:
+    """``dpo-tutorial evaluate --pretrained ...``: :func:`dpo_tutorial.paper_eval.run_paper_eval`, then its report."""
+
+    if args.per_caption is not None:
+        raise ConfigError("--per-caption is the toy's; for a real model pass --num-prompts")
+    if not args.out:
+        raise ConfigError("--pretrained needs --out DIR: the folder for images, logs and report.json")
+    names = {f.name for f in dataclasses.fields(PaperEvalSettings)}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    settings = PaperEvalSettings(**given)
+    report = run_paper_eval(settings, args.out, device=args.device, sample_batch=args.sample_batch)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for line in report_lines(report, args.out):
+            print(line)
     return 0
 
 
@@ -188,9 +261,6 @@ def print_toy_evaluation(lora_dir: str, per_caption: int = 40, num_draws: int = 
     training pairs show (``"seen"``) and for those they never show (``"unseen"``). ``progress``: progress
     bars on stderr while it samples and scores.
     """
-    import json
-
-    from .toy.evaluation import evaluate_toy
 
     result, _ = evaluate_toy(lora_dir, per_caption=per_caption, num_draws=num_draws, progress=progress)
     if as_json:
@@ -202,7 +272,6 @@ def print_toy_evaluation(lora_dir: str, per_caption: int = 40, num_draws: int = 
 
 def toy_evaluation_table(result) -> list[str]:
     """The lines of ``dpo-tutorial evaluate``'s table: one column per caption group, then all captions."""
-    from .toy.pairs import UNSEEN_CAPTIONS
 
     columns = {"seen captions,": result.seen, "unseen captions": result.unseen, "all captions": result}
 
@@ -212,7 +281,8 @@ def toy_evaluation_table(result) -> list[str]:
     return [f"{'':<26}" + "".join(f"{head:<20}" for head in columns).rstrip(), f"{'':<26}new seeds",
             row("images per model", lambda r: str(r.n)),
             row("judge accuracy  base", lambda r: f"{r.base_accuracy:.3f}"),
-            row("judge accuracy  DPO", lambda r: f"{r.dpo_accuracy:.3f} ({100 * (r.dpo_accuracy - r.base_accuracy):+.1f})"),
+            row("judge accuracy  DPO",
+                lambda r: f"{r.dpo_accuracy:.3f} ({100 * (r.dpo_accuracy - r.base_accuracy):+.1f})"),
             row("win-rate DPO over base", lambda r: f"{r.win_rate:.3f}"),
             row("  95% CI (ties count 1/2)", lambda r: f"[{r.win_rate_ci_low:.3f}, {r.win_rate_ci_high:.3f}]"),
             row("implicit-reward acc.", lambda r: f"{r.implicit_acc:.3f}"),

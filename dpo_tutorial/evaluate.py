@@ -89,8 +89,8 @@ def implicit_reward_accuracy(parts, unet, dataset, resolution: int, num_draws: i
     ``unet`` carries the LoRA; the reference is the same UNet with the adapter off, or ``ref_unet`` when
     given (a fully tuned ``unet`` against its base UNet). ``dataset`` may be a stream; the first
     ``max_pairs`` non-tie pairs are scored (all when None). Pairs that do not decode are skipped; ties
-    are not scored (they have no winner). ``return_count``: also return how many
-    pairs were scored. ``batch_size`` pairs are scored at once (default :func:`eval_batch_pairs`).
+    are not scored (they have no winner). ``return_count``: also return how many pairs were scored.
+    ``batch_size`` pairs are scored at once (default :func:`eval_batch_pairs`).
     ``progress``: show a progress bar (on stderr) over the pairs read and the draws scored.
     """
     batch_size = batch_size or eval_batch_pairs(resolution)
@@ -264,7 +264,8 @@ def check_count(name: str, value: int, maximum: int, cost: str) -> None:
 
 
 def approx_duration(seconds: float) -> str:
-    """``seconds`` in words at a readable unit: ``'40 s'``, ``'12 min'``, ``'3.5 h'``, ``'2.1 days'``, ``'4,000 years'``."""
+    """``seconds`` in words at a readable unit: ``'40 s'``, ``'12 min'``, ``'3.5 h'``, ``'2.1 days'``,
+    ``'4,000 years'``."""
     for unit, size in (("years", 365.25 * 86400), ("days", 86400), ("h", 3600), ("min", 60)):
         if seconds >= size:
             value = seconds / size

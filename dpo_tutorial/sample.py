@@ -6,11 +6,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.utils import logging as diffusers_logging
 from PIL import Image, ImageDraw, ImageFont
+from transformers.utils import logging as transformers_logging
 
 from . import files
-from .models import DiffusionParts, reference_mode
+from .hub import check_hub_reachable, is_hub_id
+from .models import DiffusionParts, ModelError, check_source, reference_mode
 
 
 def make_pipeline(parts: DiffusionParts, unet: torch.nn.Module | None = None):
@@ -140,3 +149,70 @@ def write_sample_grid(parts: DiffusionParts, unet, captions: list[str], path: st
     with files.atomic(path) as tmp:
         grid.save(tmp, format="PNG")
     return Path(path)
+
+
+def load_text2image_pipeline(pretrained: str | Path, device: str | torch.device | None = None,
+                             dtype: torch.dtype | None = None, vae: str | Path | None = None):
+    """A Stable Diffusion 1.x/2.x or SDXL pipeline (SDXL recognised by its ``text_encoder_2``), folder or hub id.
+
+    No safety checker, no progress bar; ``dtype`` defaults to float16 on a GPU and float32 on a CPU (as
+    :func:`load_pipeline`); ``vae`` replaces the pipeline's VAE (e.g. ``madebyollin/sdxl-vae-fp16-fix``, which
+    SDXL needs in float16). Raises ``ModelError`` with one line when the pipeline cannot be loaded.
+    """
+
+    diffusers_logging.disable_progress_bar()  # per-file loading bars would drown the evaluation's own
+    transformers_logging.disable_progress_bar()
+    device = torch.device(device or "cpu")
+    dtype = dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+    local = check_source(str(pretrained))
+    try:
+        if local is None:
+            check_hub_reachable(f"model {str(pretrained)!r}")
+        index = DiffusionPipeline.load_config(str(pretrained))
+        extra = {"vae": AutoencoderKL.from_pretrained(str(vae), **dtype_kwarg(dtype))} if vae else {}
+        if "text_encoder_2" in index:
+            pipe = StableDiffusionXLPipeline.from_pretrained(str(pretrained), **dtype_kwarg(dtype), **extra)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(str(pretrained), **dtype_kwarg(dtype), safety_checker=None,
+                                                           requires_safety_checker=False, **extra)
+    except (OSError, ValueError, ConnectionError) as err:
+        raise ModelError(f"could not load the pipeline {str(pretrained)!r}"
+                         f"{f' with the VAE {str(vae)!r}' if vae else ''} ({' '.join(str(err).split())[:200]}): "
+                         "expected a diffusers SD/SDXL pipeline folder or hub id") from err
+    pipe.set_progress_bar_config(disable=True)
+    if device.type == "cuda":
+        pipe.vae.enable_slicing()
+    return pipe.to(device)
+
+
+def load_unet(source: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device | None = None):
+    """A full ``UNet2DConditionModel`` (e.g. a DPO-tuned UNet such as ``mhdang/dpo-sd1.5-text2image-v1``).
+
+    ``source``: a folder or hub id holding the UNet's ``config.json`` and weights, or a pipeline-style
+    ``unet/`` subfolder of one (the released DPO models keep theirs there). Raises ``ModelError`` otherwise.
+    """
+
+    path = Path(str(source)).expanduser()
+    if path.is_dir():
+        candidates = [sub for sub in (None, "unet") if (path / (sub or "") / "config.json").is_file()][:1]
+        if not candidates:
+            raise ModelError(f"{source} holds no UNet: expected config.json and weights in it or in its unet/ "
+                             "subfolder")
+    elif is_hub_id(str(source)):
+        try:
+            check_hub_reachable(f"model {str(source)!r}")
+        except ConnectionError as err:
+            raise ModelError(f"could not reach the UNet {str(source)!r}: {err}") from err
+        candidates = ["unet", None]  # the released DPO repositories keep the UNet in unet/
+    else:
+        raise ModelError(f"UNet {str(source)!r} does not exist: expected a folder or a hub id such as "
+                         "'mhdang/dpo-sd1.5-text2image-v1'")
+    errors = []
+    for subfolder in candidates:
+        try:
+            unet = UNet2DConditionModel.from_pretrained(str(source), subfolder=subfolder, **dtype_kwarg(dtype))
+            return unet.to(device or "cpu").eval().requires_grad_(False)
+        except (OSError, ValueError) as err:
+            errors.append(" ".join(str(err).split())[:120])
+    raise ModelError(f"could not load a UNet from {str(source)!r} ({'; '.join(errors)}): expected a diffusers "
+                     "UNet2DConditionModel folder (or one with a unet/ subfolder)")

@@ -1,4 +1,5 @@
-"""`dpo-tutorial evaluate` within bounds: counts refused beyond a stated cost, progress shown, a diverged LoRA refused."""
+"""`dpo-tutorial evaluate` within bounds: counts refused beyond a stated cost, progress shown, a diverged LoRA
+refused."""
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -23,10 +24,10 @@ def toy_lora(tmp_path_factory):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--per-caption", "100000000"], "--per-caption 100000000 would sample 2,400,000,000 images (12 captions x 2 "
-                                     "models x 100000000), about"),
-    (["--num-draws", "1000000000"], "--num-draws 1000000000 would score 600 test pairs 1,000,000,000 times "
-                                    "(2,400,000,000,000 UNet passes), about"),
+    (["--per-caption", "100000000"], ("--per-caption 100000000 would sample 2,400,000,000 images (12 captions x 2 "
+                                      "models x 100000000), about")),
+    (["--num-draws", "1000000000"], ("--num-draws 1000000000 would score 600 test pairs 1,000,000,000 times "
+                                     "(2,400,000,000,000 UNet passes), about")),
     (["--per-caption", "1001"], "expected at most 1000"),
     (["--num-draws", "257"], "expected at most 256"),
     (["--num-draws", "0"], "invalid --num-draws 0: expected an integer >= 1"),
@@ -52,6 +53,7 @@ def test_durations_read_at_a_sensible_unit():
         "40 s", "12 min", "3.5 h", "2.1 days", "4,000 years"]
 
 
+@pytest.mark.slow
 @toy_only
 @pytest.mark.slow
 def test_evaluate_shows_progress_on_stderr_and_keeps_stdout_one_json_line(toy_lora, capsys):
@@ -73,6 +75,7 @@ def _poisoned_copy(lora_dir, target, value):
     return name
 
 
+@pytest.mark.slow
 @toy_only
 @pytest.mark.slow
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])

@@ -147,8 +147,8 @@ def test_evaluate_toy_reports_seen_and_unseen_captions(tmp_path, capsys):
         wins = sum(1.0 if d > b + 1e-6 else 0.0 if d < b - 1e-6 else 0.5 for b, d in zip(base, dpo))
         assert group["win_rate"] == pytest.approx(wins / len(idx))
         assert group["win_rate_ci_low"] <= group["win_rate"] <= group["win_rate_ci_high"]
-        assert group["base_accuracy"] == pytest.approx(np.mean(judge.correct_batch(samples["base_images"][idx],
-                                                                                   [captions[i] for i in idx])[1].numpy()))
+        correct = judge.correct_batch(samples["base_images"][idx], [captions[i] for i in idx])[1].numpy()
+        assert group["base_accuracy"] == pytest.approx(np.mean(correct))
         non_ties = sum(keep(c) and label != 0.5 for c, label in zip(test["caption"].to_pylist(),
                                                                     test["label_0"].to_pylist()))
         assert group["implicit_pairs"] == non_ties and 0 <= group["implicit_acc"] <= 1

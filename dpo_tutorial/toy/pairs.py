@@ -1,6 +1,7 @@
 """Build a Pick-a-Pic-v2-style preference data set for the shapes world.
 
-For each pair: a caption, two samples of the flawed base pipeline for that caption with different seeds, and a label from the programmatic judge (``judge.score``):
+For each pair: a caption, two samples of the flawed base pipeline for that caption with different
+seeds, and a label from the programmatic judge (``judge.score``):
 ``label_0 = 1`` if image 0 scores higher, ``0`` if lower, ``0.5`` if the scores agree within
 ``TIE_TOL`` (ties are kept, as in Pick-a-Pic). Then a fraction ``label_noise`` of the non-tie labels
 is flipped, playing the part of careless human raters.
