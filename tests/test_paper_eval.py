@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+import dpo_tutorial.paper_eval as paper_eval
 from dpo_tutorial.cli import main
 from dpo_tutorial.data import DataError, load_pickapic
 from dpo_tutorial.paper_eval import (PaperEvalSettings, accuracy_interval, load_captions, prepare_out_dir, read_log,
@@ -27,7 +28,7 @@ CAPTIONS = ["a red circle", "a photo of a cat", "a blue square"]
 
 @pytest.fixture(scope="module")
 def pickscore_dir(tmp_path_factory):
-    from dpo_tutorial.fixtures import build_tiny_pickscore
+    from dpo_tutorial.testing.fixtures import build_tiny_pickscore
 
     return build_tiny_pickscore(tmp_path_factory.mktemp("pickscore"))
 
@@ -161,8 +162,6 @@ def test_a_full_unet_replaces_the_base_unet(model, sd_dir, sdxl_dir, pairs_parqu
 def test_a_killed_evaluation_resumes_where_it_stopped(sd_dir, sd_lora, pickscore_dir, tmp_path, monkeypatch, capsys):
     """SIGKILL after the first prompts are logged, a torn line appended, then a rerun: it samples only the
     missing prompts and ends with the report of an unbroken run."""
-    import dpo_tutorial.sample as sample
-
     captions = [f"a {c} {s}" for c in ("red", "green", "blue", "yellow") for s in ("circle", "square")]  # 8 prompts
     args = flags(sd_dir, tmp_path / "killed", pickscore_dir, lora=sd_lora, captions=prompt_file(tmp_path, captions),
                  sample_batch=1)
@@ -181,8 +180,8 @@ def test_a_killed_evaluation_resumes_where_it_stopped(sd_dir, sd_lora, pickscore
     with open(log, "a") as f:
         f.write('{"index": 7, "caption": "a yellow sq')  # a write cut short by the crash
     sampled = []
-    original = sample.generate
-    monkeypatch.setattr(sample, "generate",
+    original = paper_eval.generate  # the name paper_eval samples through
+    monkeypatch.setattr(paper_eval, "generate",
                         lambda pipe, caps, *a, **k: sampled.extend(caps) or original(pipe, caps, *a, **k))
     assert main(args) == 0
     resumed = json.loads(capsys.readouterr().out)
@@ -200,8 +199,6 @@ def test_a_killed_evaluation_resumes_where_it_stopped(sd_dir, sd_lora, pickscore
 @pytest.mark.slow
 def test_implicit_accuracy_resumes_chunk_by_chunk_with_the_same_draws(sd_dir, sd_lora, pairs_parquet, pickscore_dir,
                                                                        tmp_path, monkeypatch):
-    import dpo_tutorial.evaluate as evaluate
-
     settings = PaperEvalSettings(pretrained=str(sd_dir), lora=str(sd_lora), pairs=str(pairs_parquet),
                                  pairs_split="train", num_draws=2, pair_batch=5, steps=2)
     whole = run_paper_eval(settings, tmp_path / "eval", progress=False)
@@ -210,8 +207,8 @@ def test_implicit_accuracy_resumes_chunk_by_chunk_with_the_same_draws(sd_dir, sd
     assert [c["rows"] for c in chunks] == [5, 5, 5, 2] and sum(c["pairs"] for c in chunks) == 15
     log.write_text("".join(json.dumps(c) + "\n" for c in chunks[:2]))  # as if it crashed after chunk 1
     calls = []
-    original = evaluate.implicit_reward_accuracy
-    monkeypatch.setattr(evaluate, "implicit_reward_accuracy",
+    original = paper_eval.implicit_reward_accuracy  # the name paper_eval scores through
+    monkeypatch.setattr(paper_eval, "implicit_reward_accuracy",
                         lambda *a, **k: calls.append(k["seed"]) or original(*a, **k))
     resumed = run_paper_eval(settings, tmp_path / "eval", progress=False)
     assert calls == [2, 3]  # only chunks 2 and 3, with their own seeds
