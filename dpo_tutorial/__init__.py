@@ -25,6 +25,7 @@ Modules, one concept each (``docs/ARCHITECTURE.md`` draws them and follows a run
 - ``summary``: a finished run's closing report (last-10% means, held-out implicit accuracy).
 - ``sample``: images with and without the LoRA for the same captions and seeds; grids.
 - ``evaluate``: win-rate with CI, judge accuracy, implicit-reward accuracy, the held-out score.
+- ``paper_eval``: real SD 1.5 / SDXL models the paper's way (implicit accuracy on Pick-a-Pic, PickScore), resumable.
 - ``pickscore``: PickScore, the learned preference scorer, as a judge for SD 1.5 / SDXL.
 - ``analysis``: the notebooks' measurements (spread of ``model_diff`` estimates, per-pair errors).
 - ``plots``: one function per figure; ``figures``: regenerates ``figures/`` with them.

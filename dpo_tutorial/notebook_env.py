@@ -141,7 +141,7 @@ def shared_toy_config():
 
     The toy preset (with ``DPO_TUTORIAL_OVERRIDES`` when the notebooks run the toy preset), in
     :func:`toy_run_dir`, without the closing sample grid: the settings of ``make train``'s run, which it
-    therefore reuses. Fast mode: 30 steps, and the closing held-out check on 64 pairs (else up to 300: all 297).
+    therefore reuses. Fast mode: 30 steps, and the closing held-out check on 64 pairs (else up to 300: all 298 non-tie validation pairs).
     """
     overrides = notebook_overrides() if notebook_preset() == "toy" else {}
     config = get_preset("toy", **overrides)
