@@ -179,3 +179,38 @@ def pair_errors(parts: DiffusionParts, unet, batch: dict, num_draws: int = 8, se
             sums[k] += errors[k].mean().item() / num_draws
     return sums
 
+
+
+def variance_ratio(draws: torch.Tensor, base: torch.Tensor) -> float:
+    r"""How much noisier one way of drawing is than another, pair by pair: the median over pairs :math:`i` of
+    :math:`\mathrm{Var}(\text{draws}_{\cdot i}) / \mathrm{Var}(\text{base}_{\cdot i})`, each variance over the
+    ``num_draws`` one-draw estimates of pair :math:`i` (unbiased, ``N - 1`` in the denominator).
+
+    ``draws``, ``base``: ``(num_draws, B)``, e.g. two entries' ``draws`` of :func:`logit_variance_table` (whose
+    ``variance_ratio_median`` is this against ``everything shared``). The median is torch's: the lower of the two
+    middle values when ``B`` is even.
+    """
+    if draws.dim() != 2 or draws.shape[1] != base.shape[1] or min(draws.shape[0], base.shape[0]) < 2:
+        raise ValueError(f"expected (num_draws >= 2, B) draws of the same B pairs, got {tuple(draws.shape)} and "
+                         f"{tuple(base.shape)}")
+    return float((draws.var(dim=0) / base.var(dim=0)).median())
+
+
+@torch.no_grad()
+def policy_reference_draws(parts: DiffusionParts, unet, batch: dict, num_draws: int, seed: int = 0) -> dict:
+    r"""Per image, the policy's and the reference's errors at the *same* draws: ``policy`` and ``reference``, each
+    ``(num_draws, 2B)`` per-element MSEs :math:`\|\epsilon - \epsilon_\theta(x_t, t)\|^2 / d` (winners then losers),
+    and the ``(num_draws, 2B)`` ``timesteps`` each draw used (one shared ε and t per pair, as in training).
+
+    The two errors of an image rise and fall together with the draw (mostly with t); their difference, which is
+    what enters the logit, keeps little of the draw's noise: the reference acts as a control variate.
+    """
+    g, encoded = seeded_encoding(parts, batch, seed)
+    rows = {"policy": [], "reference": [], "timesteps": []}
+    for _ in range(num_draws):
+        noise, t = draw_noise(parts, encoded, g)  # (2B, C, h, w), (2B,)
+        errors = _policy_and_reference(parts, unet, encoded, noise, t)
+        rows["policy"].append(torch.cat([errors["policy_w"], errors["policy_l"]]).float().cpu())  # (2B,)
+        rows["reference"].append(torch.cat([errors["ref_w"], errors["ref_l"]]).float().cpu())
+        rows["timesteps"].append(t.cpu())
+    return {key: torch.stack(values) for key, values in rows.items()}  # each (num_draws, 2B)

@@ -68,3 +68,21 @@ def test_figures_pin_threads_and_seeds():
         assert torch.equal(first[0], torch.rand(3)) and np.array_equal(first[1], np.random.rand(3))
     finally:
         torch.set_num_threads(before)
+
+
+def test_control_variate_figure_plots_every_image_and_draw_against_the_diagonal():
+    rng = np.random.default_rng(0)
+    reference = np.exp(rng.normal(-3, 1, (6, 8)))                       # (draws, 2B) errors over orders of magnitude
+    policy = reference * (1 + rng.normal(0, 0.01, reference.shape))
+    timesteps = rng.integers(0, 1000, reference.shape)
+    fig = plots.control_variate_figure(torch.as_tensor(policy), reference, timesteps)
+    ax = fig.axes[0]
+    (points,) = ax.collections
+    xy = np.asarray(points.get_offsets())
+    assert xy.shape == (48, 2)
+    np.testing.assert_allclose(xy[:, 0], reference.flatten())          # x: the reference, y: the policy
+    np.testing.assert_allclose(xy[:, 1], policy.flatten(), rtol=1e-6)
+    np.testing.assert_allclose(points.get_array(), timesteps.flatten())  # coloured by t
+    assert ax.get_xscale() == ax.get_yscale() == "log"
+    corr = np.corrcoef(reference.flatten(), policy.flatten())[0, 1]
+    assert f"{corr:.3f}" in ax.get_title()

@@ -1,0 +1,65 @@
+"""The notebooks' measurements in dpo_tutorial.analysis, against independent computations on a tiny stand-in SD."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpo_tutorial.analysis import (logit_variance_table, per_pair_errors, policy_reference_draws, variance_ratio)
+from dpo_tutorial.data import PairStream, PairTransform, load_pickapic
+from dpo_tutorial.models import add_lora, load_parts
+
+
+@pytest.fixture(scope="module")
+def moved_lora(sd_dir):
+    """The tiny SD with a LoRA whose B matrices were moved off zero (a stand-in for a trained policy)."""
+    parts = load_parts(str(sd_dir))
+    params = add_lora(parts.unet, rank=4, init_seed=0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.2 * torch.randn_like(p))
+    return parts
+
+
+@pytest.fixture(scope="module")
+def batch(pairs_parquet):
+    return next(iter(PairStream(load_pickapic(str(pairs_parquet)), PairTransform(32, random_flip=False), 5, seed=0)))
+
+
+def test_variance_ratio_is_the_median_of_per_pair_variance_ratios():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(50, 5, generator=g)                               # (draws, B)
+    scale = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert variance_ratio(base * scale, base) == pytest.approx(9.0)      # each pair's ratio is scale², median 3²
+    by_hand = sorted((base[:, i] * scale[i] + 1.0).var().item() / base[:, i].var().item() for i in range(5))[2]
+    assert variance_ratio(base * scale + 1.0, base) == pytest.approx(by_hand)  # a shift changes no variance
+    with pytest.raises(ValueError):
+        variance_ratio(base[:, :3], base)
+
+
+def test_variance_ratio_matches_the_table(moved_lora, batch):
+    table = logit_variance_table(moved_lora, moved_lora.unet, batch, num_draws=4, beta=500.0)
+    base = table["everything shared"]["draws"]
+    for row in table.values():
+        assert variance_ratio(row["draws"], base) == pytest.approx(row["variance_ratio_median"])
+
+
+def test_policy_reference_draws_at_initialisation_are_equal(sd_dir, batch):
+    """A zero-initialised LoRA: the policy is the reference, so every image's two errors are equal at every draw."""
+    parts = load_parts(str(sd_dir))
+    add_lora(parts.unet, rank=4, init_seed=0)
+    out = policy_reference_draws(parts, parts.unet, batch, num_draws=3)
+    assert out["policy"].shape == out["reference"].shape == out["timesteps"].shape == (3, 10)
+    assert torch.equal(out["policy"], out["reference"])
+
+
+def test_policy_reference_draws_share_each_pairs_draw(moved_lora, batch):
+    """The first draw is the one per_pair_errors takes from the same seed (its own code path), and every draw gives
+    a pair's winner (row i) and loser (row i + B) one timestep."""
+    out = policy_reference_draws(moved_lora, moved_lora.unet, batch, num_draws=3, seed=7)
+    first = per_pair_errors(moved_lora, moved_lora.unet, batch, seed=7)
+    torch.testing.assert_close(out["policy"][0], torch.cat([first["policy_w"], first["policy_l"]]))
+    torch.testing.assert_close(out["reference"][0], torch.cat([first["ref_w"], first["ref_l"]]))
+    assert torch.equal(out["timesteps"][:, :5], out["timesteps"][:, 5:])
+    assert not torch.equal(out["policy"], out["reference"])              # the moved LoRA changes the errors
+    assert not torch.equal(out["timesteps"][0], out["timesteps"][1])     # a new draw each time
