@@ -2,6 +2,9 @@
 (The first optimizer steps of a fresh run are measured by :func:`dpo_tutorial.train.first_steps`.)"""
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import torch
 
 from .loss import pair_mse, per_sample_mse
@@ -214,3 +217,54 @@ def policy_reference_draws(parts: DiffusionParts, unet, batch: dict, num_draws: 
         rows["reference"].append(torch.cat([errors["ref_w"], errors["ref_l"]]).float().cpu())
         rows["timesteps"].append(t.cpu())
     return {key: torch.stack(values) for key, values in rows.items()}  # each (num_draws, 2B)
+
+
+def run_movement(history, beta: float, fraction: float = 0.1) -> dict:
+    r"""How far a run moved the policy, read from its :class:`~dpo_tutorial.run_dir.History`: over the last
+    ``fraction`` of its steps (at least one) the mean ``loss`` and ``implicit_acc``, the mean logit
+    :math:`\bar z` (``logit``, the reward margin), and the same move in β-free units, ``move`` = the mean
+    per-element :math:`\text{ref\_diff} - \text{model\_diff}` (computed from the logged errors; it equals
+    :math:`2\bar z/\beta`); and ``heldout_implicit_acc``, the summary's score on held-out pairs (NaN without one).
+
+    ``move`` compares runs of different β on one scale: how much the policy changed its winner-loser errors
+    relative to the reference. ``logit`` is what the sigmoid sees: β/2 times that.
+    """
+    records = history.records
+    if not records:
+        raise ValueError("the history holds no steps")
+    n = max(1, math.ceil(len(records) * fraction))
+    tail = records[-n:]
+    mean = lambda values: sum(values) / n  # noqa: E731
+    move = mean([(r["ref_mse_w"] - r["ref_mse_l"]) - (r["model_mse_w"] - r["model_mse_l"]) for r in tail])
+    return {"tail_steps": n, "loss": mean([r["loss"] for r in tail]),
+            "implicit_acc": mean([r["implicit_acc"] for r in tail]),
+            "logit": mean([r["reward_margin"] for r in tail]), "move": move, "beta": beta,
+            "heldout_implicit_acc": float(history.summary.get("heldout_implicit_acc", math.nan))}
+
+
+def lora_weight_change(lora_dir) -> float:
+    r"""How far a saved LoRA moves the UNet's weights: :math:`\sqrt{\sum_\ell \|\Delta W_\ell\|_F^2}` over the adapted
+    layers :math:`\ell`, with :math:`\Delta W_\ell = \tfrac{\alpha}{r}\,B_\ell A_\ell` (``lora.up`` times ``lora.down``
+    in the diffusers file ``<lora_dir>/pytorch_lora_weights.safetensors``; :math:`\alpha/r = 1` when the file stores
+    no alpha). It is 0 at initialisation (:math:`B = 0`) and contains no β: under AdamW it grows with the learning
+    rate and the number of steps.
+    """
+    from safetensors.torch import load_file
+
+    from .run_dir import LORA_FILE
+
+    weights = load_file(str(Path(lora_dir) / LORA_FILE))
+    total = 0.0
+    for name, down in weights.items():
+        if not name.endswith(("lora.down.weight", "lora_A.weight")):
+            continue
+        prefix = name.rsplit(".lora", 1)[0]
+        up = weights[name.replace("lora.down", "lora.up").replace("lora_A", "lora_B")]
+        rank = down.shape[0]
+        alpha = weights.get(f"{prefix}.alpha")
+        scale = 1.0 if alpha is None else float(alpha) / rank
+        delta = scale * up.float().reshape(up.shape[0], -1) @ down.float().reshape(rank, -1)  # (out, in)
+        total += delta.pow(2).sum().item()
+    if not total and not any(n.endswith(("lora.down.weight", "lora_A.weight")) for n in weights):
+        raise ValueError(f"{Path(lora_dir) / LORA_FILE} holds no LoRA down/up (A/B) matrices")
+    return math.sqrt(total)

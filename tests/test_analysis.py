@@ -1,6 +1,8 @@
 """The notebooks' measurements in dpo_tutorial.analysis, against independent computations on a tiny stand-in SD."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -63,3 +65,61 @@ def test_policy_reference_draws_share_each_pairs_draw(moved_lora, batch):
     assert torch.equal(out["timesteps"][:, :5], out["timesteps"][:, 5:])
     assert not torch.equal(out["policy"], out["reference"])              # the moved LoRA changes the errors
     assert not torch.equal(out["timesteps"][0], out["timesteps"][1])     # a new draw each time
+
+
+def test_run_movement_reads_the_last_tenth_of_a_run():
+    """The β-free move is computed from the logged errors; for the records a step logs it is 2·logit/β exactly."""
+    from dpo_tutorial.analysis import run_movement
+    from dpo_tutorial.run_dir import History
+
+    g = torch.Generator().manual_seed(0)
+    beta, records = 250.0, []
+    for step in range(1, 32):                                            # 31 steps: the last 4 (ceil of 3.1)
+        mw, ml, rw, rl = (0.05 + 0.01 * torch.rand(4, generator=g)).tolist()
+        records.append({"step": step, "loss": step / 100, "implicit_acc": 0.5 + step / 100,
+                        "model_mse_w": mw, "model_mse_l": ml, "ref_mse_w": rw, "ref_mse_l": rl,
+                        "reward_margin": -0.5 * beta * ((mw - ml) - (rw - rl))})
+    out = run_movement(History(records=records, summary={"heldout_implicit_acc": 0.75}), beta)
+    assert out["tail_steps"] == 4 and out["loss"] == pytest.approx(sum(range(28, 32)) / 400)
+    assert out["implicit_acc"] == pytest.approx(0.5 + sum(range(28, 32)) / 400)
+    assert out["move"] == pytest.approx(2 * out["logit"] / beta)
+    by_hand = sum((r["ref_mse_w"] - r["ref_mse_l"]) - (r["model_mse_w"] - r["model_mse_l"]) for r in records[-4:]) / 4
+    assert out["move"] == pytest.approx(by_hand) and out["heldout_implicit_acc"] == 0.75
+    assert math.isnan(run_movement(History(records=records), beta)["heldout_implicit_acc"])
+    with pytest.raises(ValueError):
+        run_movement(History(), beta)
+
+
+def test_lora_weight_change_is_zero_at_initialisation_and_the_norm_of_b_times_a(sd_dir, tmp_path):
+    """Read from the exported diffusers file; compared with the adapter's own peft matrices (scale α/r = 1)."""
+    from dpo_tutorial.analysis import lora_weight_change
+    from dpo_tutorial.models import export_lora
+
+    parts = load_parts(str(sd_dir))
+    add_lora(parts.unet, rank=4, init_seed=0)
+    export_lora(parts.unet, tmp_path / "init", is_sdxl=False)
+    assert lora_weight_change(tmp_path / "init") == 0.0                  # B = 0: the policy is the reference
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in parts.unet.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    export_lora(parts.unet, tmp_path / "moved", is_sdxl=False)
+    params = dict(parts.unet.named_parameters())
+    by_hand = sum((params[n.replace("lora_A", "lora_B")] @ a).pow(2).sum().item()
+                  for n, a in params.items() if "lora_A" in n) ** 0.5
+    assert by_hand > 0 and lora_weight_change(tmp_path / "moved") == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_lora_weight_change_applies_a_stored_alpha(tmp_path):
+    from safetensors.torch import save_file
+
+    from dpo_tutorial.analysis import lora_weight_change
+
+    down, up = torch.ones(2, 3), torch.full((4, 2), 0.5)                 # B·A: a (4, 3) matrix of ones
+    save_file({"unet.x.lora.down.weight": down, "unet.x.lora.up.weight": up, "unet.x.alpha": torch.tensor(4.0)},
+              str(tmp_path / "pytorch_lora_weights.safetensors"))
+    assert lora_weight_change(tmp_path) == pytest.approx(2.0 * 12 ** 0.5)  # α/r = 2, ‖ones(4, 3)‖ = √12
+    save_file({"unet.x.weight": down}, str(tmp_path / "pytorch_lora_weights.safetensors"))
+    with pytest.raises(ValueError, match="no LoRA"):
+        lora_weight_change(tmp_path)
