@@ -6,9 +6,11 @@ import math
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from .loss import pair_mse, per_sample_mse
 from .models import DiffusionParts, reference_mode
+from .run_dir import LORA_FILE
 from .step import EncodedBatch, draw_noise, encode_batch, noisy_prediction
 
 
@@ -249,10 +251,6 @@ def lora_weight_change(lora_dir) -> float:
     no alpha). It is 0 at initialisation (:math:`B = 0`) and contains no β: under AdamW it grows with the learning
     rate and the number of steps.
     """
-    from safetensors.torch import load_file
-
-    from .run_dir import LORA_FILE
-
     weights = load_file(str(Path(lora_dir) / LORA_FILE))
     total = 0.0
     for name, down in weights.items():
