@@ -311,7 +311,7 @@ def control_variate_figure(policy, reference, timesteps):
     low, high = min(x.min(), y.min()), max(x.max(), y.max())
     ax.plot([low, high], [low, high], color="grey", ls=":", lw=1, label="policy = reference")
     ax.set(xscale="log", yscale="log", xlabel="reference's error (LoRA off)", ylabel="policy's error (LoRA on)",
-           title=f"one image, one draw: correlation {np.corrcoef(x, y)[0, 1]:.3f}")
+           title=f"each point: one image at one draw; correlation {np.corrcoef(x, y)[0, 1]:.3f}")
     fig.colorbar(points, ax=ax, label="timestep t")
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
