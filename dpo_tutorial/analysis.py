@@ -221,29 +221,6 @@ def policy_reference_draws(parts: DiffusionParts, unet, batch: dict, num_draws: 
     return {key: torch.stack(values) for key, values in rows.items()}  # each (num_draws, 2B)
 
 
-def run_movement(history, beta: float, fraction: float = 0.1) -> dict:
-    r"""How far a run moved the policy, read from its :class:`~dpo_tutorial.run_dir.History`: over the last
-    ``fraction`` of its steps (at least one) the mean ``loss`` and ``implicit_acc``, the mean logit
-    :math:`\bar z` (``logit``, the reward margin), and the same move in β-free units, ``move`` = the mean
-    per-element :math:`\text{ref\_diff} - \text{model\_diff}` (computed from the logged errors; it equals
-    :math:`2\bar z/\beta`); and ``heldout_implicit_acc``, the summary's score on held-out pairs (NaN without one).
-
-    ``move`` compares runs of different β on one scale: how much the policy changed its winner-loser errors
-    relative to the reference. ``logit`` is what the sigmoid sees: β/2 times that.
-    """
-    records = history.records
-    if not records:
-        raise ValueError("the history holds no steps")
-    n = max(1, math.ceil(len(records) * fraction))
-    tail = records[-n:]
-    mean = lambda values: sum(values) / n  # noqa: E731
-    move = mean([(r["ref_mse_w"] - r["ref_mse_l"]) - (r["model_mse_w"] - r["model_mse_l"]) for r in tail])
-    return {"tail_steps": n, "loss": mean([r["loss"] for r in tail]),
-            "implicit_acc": mean([r["implicit_acc"] for r in tail]),
-            "logit": mean([r["reward_margin"] for r in tail]), "move": move, "beta": beta,
-            "heldout_implicit_acc": float(history.summary.get("heldout_implicit_acc", math.nan))}
-
-
 def lora_weight_change(lora_dir) -> float:
     r"""How far a saved LoRA moves the UNet's weights: :math:`\sqrt{\sum_\ell \|\Delta W_\ell\|_F^2}` over the adapted
     layers :math:`\ell`, with :math:`\Delta W_\ell = \tfrac{\alpha}{r}\,B_\ell A_\ell` (``lora.up`` times ``lora.down``

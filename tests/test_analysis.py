@@ -67,29 +67,6 @@ def test_policy_reference_draws_share_each_pairs_draw(moved_lora, batch):
     assert not torch.equal(out["timesteps"][0], out["timesteps"][1])     # a new draw each time
 
 
-def test_run_movement_reads_the_last_tenth_of_a_run():
-    """The β-free move is computed from the logged errors; for the records a step logs it is 2·logit/β exactly."""
-    from dpo_tutorial.analysis import run_movement
-    from dpo_tutorial.run_dir import History
-
-    g = torch.Generator().manual_seed(0)
-    beta, records = 250.0, []
-    for step in range(1, 32):                                            # 31 steps: the last 4 (ceil of 3.1)
-        mw, ml, rw, rl = (0.05 + 0.01 * torch.rand(4, generator=g)).tolist()
-        records.append({"step": step, "loss": step / 100, "implicit_acc": 0.5 + step / 100,
-                        "model_mse_w": mw, "model_mse_l": ml, "ref_mse_w": rw, "ref_mse_l": rl,
-                        "reward_margin": -0.5 * beta * ((mw - ml) - (rw - rl))})
-    out = run_movement(History(records=records, summary={"heldout_implicit_acc": 0.75}), beta)
-    assert out["tail_steps"] == 4 and out["loss"] == pytest.approx(sum(range(28, 32)) / 400)
-    assert out["implicit_acc"] == pytest.approx(0.5 + sum(range(28, 32)) / 400)
-    assert out["move"] == pytest.approx(2 * out["logit"] / beta)
-    by_hand = sum((r["ref_mse_w"] - r["ref_mse_l"]) - (r["model_mse_w"] - r["model_mse_l"]) for r in records[-4:]) / 4
-    assert out["move"] == pytest.approx(by_hand) and out["heldout_implicit_acc"] == 0.75
-    assert math.isnan(run_movement(History(records=records), beta)["heldout_implicit_acc"])
-    with pytest.raises(ValueError):
-        run_movement(History(), beta)
-
-
 def test_lora_weight_change_is_zero_at_initialisation_and_the_norm_of_b_times_a(sd_dir, tmp_path):
     """Read from the exported diffusers file; compared with the adapter's own peft matrices (scale α/r = 1)."""
     from dpo_tutorial.analysis import lora_weight_change
