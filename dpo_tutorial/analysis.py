@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from .loss import pair_mse, per_sample_mse
 from .models import DiffusionParts, reference_mode
+from .run_dir import LORA_FILE
 from .step import EncodedBatch, draw_noise, encode_batch, noisy_prediction
 
 
@@ -262,3 +265,61 @@ def gaussian_log_density(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor)
     r""":math:`\log \mathcal N(x;\ \text{mean}, \text{var})`, elementwise (broadcasting)."""
     return -0.5 * (torch.log(var) + (x - mean) ** 2 / var) - 0.5 * math.log(2 * math.pi)
 
+
+def variance_ratio(draws: torch.Tensor, base: torch.Tensor) -> float:
+    r"""How much noisier one way of drawing is than another, pair by pair: the median over pairs :math:`i` of
+    :math:`\mathrm{Var}(\text{draws}_{\cdot i}) / \mathrm{Var}(\text{base}_{\cdot i})`, each variance over the
+    ``num_draws`` one-draw estimates of pair :math:`i` (unbiased, ``N - 1`` in the denominator).
+
+    ``draws``, ``base``: ``(num_draws, B)``, e.g. two entries' ``draws`` of :func:`logit_variance_table` (whose
+    ``variance_ratio_median`` is this against ``everything shared``). The median is torch's: the lower of the two
+    middle values when ``B`` is even.
+    """
+    if draws.dim() != 2 or draws.shape[1] != base.shape[1] or min(draws.shape[0], base.shape[0]) < 2:
+        raise ValueError(f"expected (num_draws >= 2, B) draws of the same B pairs, got {tuple(draws.shape)} and "
+                         f"{tuple(base.shape)}")
+    return float((draws.var(dim=0) / base.var(dim=0)).median())
+
+
+@torch.no_grad()
+def policy_reference_draws(parts: DiffusionParts, unet, batch: dict, num_draws: int, seed: int = 0) -> dict:
+    r"""Per image, the policy's and the reference's errors at the *same* draws: ``policy`` and ``reference``, each
+    ``(num_draws, 2B)`` per-element MSEs :math:`\|\epsilon - \epsilon_\theta(x_t, t)\|^2 / d` (winners then losers),
+    and the ``(num_draws, 2B)`` ``timesteps`` each draw used (one shared ε and t per pair, as in training).
+
+    The two errors of an image rise and fall together with the draw (mostly with t); their difference, which is
+    what enters the logit, keeps little of the draw's noise: the reference acts as a control variate.
+    """
+    g, encoded = seeded_encoding(parts, batch, seed)
+    rows = {"policy": [], "reference": [], "timesteps": []}
+    for _ in range(num_draws):
+        noise, t = draw_noise(parts, encoded, g)  # (2B, C, h, w), (2B,)
+        errors = _policy_and_reference(parts, unet, encoded, noise, t)
+        rows["policy"].append(torch.cat([errors["policy_w"], errors["policy_l"]]).float().cpu())  # (2B,)
+        rows["reference"].append(torch.cat([errors["ref_w"], errors["ref_l"]]).float().cpu())
+        rows["timesteps"].append(t.cpu())
+    return {key: torch.stack(values) for key, values in rows.items()}  # each (num_draws, 2B)
+
+
+def lora_weight_change(lora_dir) -> float:
+    r"""How far a saved LoRA moves the UNet's weights: :math:`\sqrt{\sum_\ell \|\Delta W_\ell\|_F^2}` over the adapted
+    layers :math:`\ell`, with :math:`\Delta W_\ell = \tfrac{\alpha}{r}\,B_\ell A_\ell` (``lora.up`` times ``lora.down``
+    in the diffusers file ``<lora_dir>/pytorch_lora_weights.safetensors``; :math:`\alpha/r = 1` when the file stores
+    no alpha). It is 0 at initialisation (:math:`B = 0`) and contains no β: under AdamW it grows with the learning
+    rate and the number of steps.
+    """
+    weights = load_file(str(Path(lora_dir) / LORA_FILE))
+    total = 0.0
+    for name, down in weights.items():
+        if not name.endswith(("lora.down.weight", "lora_A.weight")):
+            continue
+        prefix = name.rsplit(".lora", 1)[0]
+        up = weights[name.replace("lora.down", "lora.up").replace("lora_A", "lora_B")]
+        rank = down.shape[0]
+        alpha = weights.get(f"{prefix}.alpha")
+        scale = 1.0 if alpha is None else float(alpha) / rank
+        delta = scale * up.float().reshape(up.shape[0], -1) @ down.float().reshape(rank, -1)  # (out, in)
+        total += delta.pow(2).sum().item()
+    if not total and not any(n.endswith(("lora.down.weight", "lora_A.weight")) for n in weights):
+        raise ValueError(f"{Path(lora_dir) / LORA_FILE} holds no LoRA down/up (A/B) matrices")
+    return math.sqrt(total)

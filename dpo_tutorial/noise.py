@@ -4,7 +4,7 @@ The public recipe writes ``noise = torch.randn_like(latents).chunk(2)[0].repeat(
 noise for the first half of the ``2B`` batch (one per pair) and repeat it for the second half, so the
 winner ``x_w`` (row i) and the loser ``x_l`` (row i + B) see the same ε and the same t. Then
 ``model_diff = mse(x_w) - mse(x_l)`` compares the two images under equal conditions, and most of the
-variance that comes from *which* ε and t were drawn cancels in the difference (notebook 02 measures it).
+variance that comes from *which* ε and t were drawn cancels in the difference (notebook 05 measures it).
 """
 from __future__ import annotations
 

@@ -373,3 +373,23 @@ def pair_weights_figure(logits: torch.Tensor):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def control_variate_figure(policy, reference, timesteps):
+    """Each (image, draw) as one point: the reference's error (x) against the policy's (y) at the same ε and t,
+    coloured by t, on log axes with the diagonal. The points hug the diagonal over orders of magnitude: the draw
+    moves both errors together, so their difference (what the logit uses) keeps little of the draw's noise.
+
+    ``policy``, ``reference``, ``timesteps``: ``(num_draws, 2B)`` arrays or tensors, e.g. from
+    :func:`dpo_tutorial.analysis.policy_reference_draws`."""
+    x, y, t = (np.asarray(torch.as_tensor(v).float().flatten()) for v in (reference, policy, timesteps))
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    points = ax.scatter(x, y, c=t, s=6, cmap="viridis", alpha=0.7)
+    low, high = min(x.min(), y.min()), max(x.max(), y.max())
+    ax.plot([low, high], [low, high], color="grey", ls=":", lw=1, label="policy = reference")
+    ax.set(xscale="log", yscale="log", xlabel="reference's error (LoRA off)", ylabel="policy's error (LoRA on)",
+           title=f"each point: one image at one draw; correlation {np.corrcoef(x, y)[0, 1]:.3f}")
+    fig.colorbar(points, ax=ax, label="timestep t")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    return fig

@@ -108,3 +108,21 @@ def test_pair_weights_figure_shows_sigmoid_weights_and_one_legacy_weight():
     bars = [p.get_height() for p in fig.axes[0].patches]
     np.testing.assert_allclose(bars, torch.sigmoid(-z.sort().values).numpy(), rtol=1e-6)
     np.testing.assert_allclose(fig.axes[0].lines[0].get_ydata(), torch.sigmoid(-z.mean()).item(), rtol=1e-6)
+
+
+def test_control_variate_figure_plots_every_image_and_draw_against_the_diagonal():
+    rng = np.random.default_rng(0)
+    reference = np.exp(rng.normal(-3, 1, (6, 8)))                       # (draws, 2B) errors over orders of magnitude
+    policy = reference * (1 + rng.normal(0, 0.01, reference.shape))
+    timesteps = rng.integers(0, 1000, reference.shape)
+    fig = plots.control_variate_figure(torch.as_tensor(policy), reference, timesteps)
+    ax = fig.axes[0]
+    (points,) = ax.collections
+    xy = np.asarray(points.get_offsets())
+    assert xy.shape == (48, 2)
+    np.testing.assert_allclose(xy[:, 0], reference.flatten())          # x: the reference, y: the policy
+    np.testing.assert_allclose(xy[:, 1], policy.flatten(), rtol=1e-6)
+    np.testing.assert_allclose(points.get_array(), timesteps.flatten())  # coloured by t
+    assert ax.get_xscale() == ax.get_yscale() == "log"
+    corr = np.corrcoef(reference.flatten(), policy.flatten())[0, 1]
+    assert f"{corr:.3f}" in ax.get_title()
