@@ -68,3 +68,15 @@ def test_figures_pin_threads_and_seeds():
         assert torch.equal(first[0], torch.rand(3)) and np.array_equal(first[1], np.random.rand(3))
     finally:
         torch.set_num_threads(before)
+
+
+def test_labels_curve_labels_only_the_counts():
+    """With two label counts (25 and 200) a log axis used to add minor labels such as 3 x 10^1 between them."""
+    rows = [dict(labels=n, win_rate=w, low=w - 0.05, high=w + 0.05) for n, w in ((25, 0.7), (200, 0.9))]
+    fig = plots.labels_curve_figure({0: rows})
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["25", "200"]
+    assert [t.get_text() for t in ax.get_xticklabels(minor=True) if t.get_text()] == []
+    line = ax.lines[0]
+    assert list(line.get_ydata()) == [0.7, 0.9]
