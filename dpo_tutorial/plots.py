@@ -289,6 +289,7 @@ def labels_curve_figure(rows_by_seed: dict):
         ax.errorbar(n, rate, yerr=err, marker="o", capsize=3, label=f"seed {seed}")
     ax.axhline(0.5, color="grey", ls=":", lw=1)
     ax.set_xscale("log")
+    ax.minorticks_off()  # only the counts are labelled (a log axis otherwise adds "3 x 10^1"-style minor labels)
     counts = sorted({r["labels"] for rows in rows_by_seed.values() for r in rows})
     ax.set_xticks(counts, [str(c) for c in counts])
     ax.set(xlabel="labelled pairs", ylabel="win-rate of DPO over base", ylim=(0.3, 1.0),

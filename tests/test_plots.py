@@ -126,3 +126,15 @@ def test_control_variate_figure_plots_every_image_and_draw_against_the_diagonal(
     assert ax.get_xscale() == ax.get_yscale() == "log"
     corr = np.corrcoef(reference.flatten(), policy.flatten())[0, 1]
     assert f"{corr:.3f}" in ax.get_title()
+
+
+def test_labels_curve_labels_only_the_counts():
+    """With two label counts (25 and 200) a log axis used to add minor labels such as 3 x 10^1 between them."""
+    rows = [dict(labels=n, win_rate=w, low=w - 0.05, high=w + 0.05) for n, w in ((25, 0.7), (200, 0.9))]
+    fig = plots.labels_curve_figure({0: rows})
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["25", "200"]
+    assert [t.get_text() for t in ax.get_xticklabels(minor=True) if t.get_text()] == []
+    line = ax.lines[0]
+    assert list(line.get_ydata()) == [0.7, 0.9]
