@@ -66,7 +66,7 @@ train: install
 	$(CLI) train --evaluate $(ARGS)
 
 test: install-dev
-	DPO_TUTORIAL_FAST=$(FAST) $(PYTHON) -m pytest -q --durations=30 --nbmake --nbmake-timeout=600 tests notebooks
+	DPO_TUTORIAL_FAST=$(FAST) $(PYTHON) -m pytest -q --durations=30 -n 2 --dist loadgroup --nbmake --nbmake-timeout=600 notebooks tests
 
 # pyproject's lower bounds, proven: a fresh .venv-floors/ with torch, diffusers, peft, transformers, accelerate
 # and datasets at exactly their floors, then the fast tests (see scripts/check_floors.sh)

@@ -15,9 +15,6 @@ from .run_dir import LORA_FILE
 from .step import EncodedBatch, draw_noise, encode_batch, noisy_prediction
 
 
-SHARING = {"t and ε": (True, True), "t only": (False, True), "ε only": (True, False), "neither": (False, False)}
-
-
 def seeded_encoding(parts: DiffusionParts, batch: dict, seed: int) -> tuple[torch.Generator, EncodedBatch]:
     """A generator seeded with ``seed`` on the models' device and the batch encoded with it (latents
     ``(2B, C, h, w)``, embeddings ``(2B, L, D)``): the start of every measurement here, so each is reproducible."""
@@ -31,7 +28,7 @@ def model_diff_draws(parts: DiffusionParts, unet, batch: dict, num_draws: int, s
     """``(num_draws, B)`` one-draw estimates of each pair's ``model_diff = mse(x_w) - mse(x_l)``.
 
     ``share_noise`` / ``share_timesteps``: winner and loser get the same ε / the same t (the recipe
-    shares both, :data:`SHARING` names the four combinations); otherwise each image draws its own. The
+    shares both); otherwise each image draws its own. The
     latents are encoded once; the target is the model's own (ε or v), as in training.
     """
     g, encoded = seeded_encoding(parts, batch, seed)
@@ -108,22 +105,6 @@ def logit_variance_table(parts: DiffusionParts, unet, batch: dict, num_draws: in
             for name, d in draws.items()}
 
 
-def sharing_table(parts: DiffusionParts, unet, batch: dict, num_draws: int, seed: int = 0) -> dict[str, dict]:
-    """For each way of sharing (:data:`SHARING`): the per-pair variance of the one-draw ``model_diff``
-    estimate relative to sharing both (median over pairs and pooled), and the mean estimate.
-
-    The mean barely moves (each way estimates the same ``E[model_diff]``); the variance is what sharing buys.
-    """
-    draws = {name: model_diff_draws(parts, unet, batch, num_draws, noise, t, seed)
-             for name, (noise, t) in SHARING.items()}
-    base = draws["t and ε"]
-    return {name: {"variance_ratio_median": float((d.var(dim=0) / base.var(dim=0)).median()),
-                   "variance_ratio_pooled": float((d - d.mean(0)).pow(2).mean() / (base - base.mean(0)).pow(2).mean()),
-                   "mean_model_diff": float(d.mean()), "draws": d}
-            for name, d in draws.items()}
-
-
-@torch.no_grad()
 def mse_by_timestep(parts: DiffusionParts, unet, batch: dict, timesteps: list[int], num_draws: int = 4,
                     seed: int = 0) -> list[float]:
     """Mean per-element MSE of ``unet``'s prediction over the batch's images, at each fixed ``t``.

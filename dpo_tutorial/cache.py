@@ -31,8 +31,17 @@ from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from . import files
-from .data import (DataError, PairTransform, SkipRow, decode_image, drop_caption, load_pickapic, local_parquet_files,
-                   winner_first, winners_then_losers)
+from .data import (
+    DataError,
+    PairTransform,
+    SkipRow,
+    decode_image,
+    drop_caption,
+    load_pickapic,
+    local_parquet_files,
+    winner_first,
+    winners_then_losers,
+)
 from .hub import is_hub_id
 from .models import encode_prompts, latent_shape, load_parts
 

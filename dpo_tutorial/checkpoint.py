@@ -121,42 +121,60 @@ def _write_failed(err: BaseException) -> bool:
 
 def save_checkpoint(output_dir: str | Path, step: int, *, trainable: dict[str, torch.Tensor], optimizer,
                     lr_scheduler, generator: torch.Generator, data_state: dict, extra: dict, rank: int = 0,
-                    world_size: int = 1, barrier=lambda: None, limit: int | None = None, scaler=None) -> Path:
-    """Write ``checkpoint-<step>`` atomically; every process calls it (``barrier`` syncs them).
+                    world_size: int = 1, agree=lambda ok: ok, limit: int | None = None, scaler=None) -> Path:
+    """Write ``checkpoint-<step>`` atomically; every process calls it.
 
     Each process adds its own RNG and data-stream state (``process_<rank>.pt``); the main process
     (rank 0) adds the trainable weights, optimizer and scheduler states and ``state.json``, renames the
     temporary folder into place and prunes to the ``limit`` newest checkpoints. ``scaler`` (fp16's
-    GradScaler, when there is one) is saved with the optimizer so fp16 resumes are exact. A full disk raises
-    :class:`CheckpointError` in one line; the previous checkpoint is left intact.
+    GradScaler, when there is one) is saved with the optimizer so fp16 resumes are exact.
+
+    ``agree(ok) -> bool`` is a vote over the processes (True only when every process passes True; it also
+    synchronises them): after each stage every process votes, so a full disk on any one of them raises
+    :class:`CheckpointError` in one line on all of them (none is left waiting) and the previous checkpoint is
+    left intact.
     """
     root = Path(output_dir)
     final, tmp = root / f"checkpoint-{step}", root / f".tmp-checkpoint-{step}"
-    try:
-        if rank == 0:
-            files.fresh_folder(tmp)  # also replaces a stale temporary folder or a link of that name
-        barrier()
+
+    def own_part():
         torch.save({"rng": rng_state(generator), "data": data_state}, tmp / f"process_{rank}.pt")
-        barrier()
-        if rank == 0:
-            save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()},
-                      str(tmp / "trainable.safetensors"))
-            torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-                        "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "training_state.pt")
-            files.write_json(tmp / "state.json", {"step": step, "world_size": world_size, **extra})
-            files.replace_folder(tmp, final)
-            for old in list_checkpoints(root)[: -limit if limit else 0]:
-                files.remove_folder(old)
-    except (OSError, RuntimeError) as err:
-        if not _write_failed(err):
-            raise
-        files.remove(tmp)
-        full = isinstance(err, OSError) and err.errno == errno.ENOSPC or "file write failed" in str(err)
-        raise CheckpointError(f"could not write checkpoint {final} ({'the disk is full' if full else type(err).__name__}"
-                              f": {' '.join(str(err).split())[:100]}); the previous checkpoint is intact: free "
-                              "some space, then resume with --resume latest") from err
-    barrier()
+
+    def main_part():
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None}, tmp / "training_state.pt")
+        files.write_json(tmp / "state.json", {"step": step, "world_size": world_size, **extra})
+        files.replace_folder(tmp, final)
+        for old in list_checkpoints(root)[: -limit if limit else 0]:
+            files.remove_folder(old)
+
+    stages = [(lambda: files.fresh_folder(tmp)) if rank == 0 else None, own_part, main_part if rank == 0 else None]
+    for work in stages:  # fresh_folder also replaces a stale temporary folder or a link of that name
+        err = None
+        try:
+            if work is not None:
+                work()
+        except (OSError, RuntimeError) as caught:
+            if not _write_failed(caught):
+                raise
+            err = caught
+        if not agree(err is None):
+            if rank == 0:
+                files.remove(tmp)
+            raise _write_error(final, err)
     return final
+
+
+def _write_error(final: Path, err: BaseException | None) -> CheckpointError:
+    """The one-line error for a checkpoint this process (``err``) or another one could not write."""
+    if err is None:
+        cause = "another process could not write its part"
+    else:
+        full = isinstance(err, OSError) and err.errno == errno.ENOSPC or "file write failed" in str(err)
+        cause = f"{'the disk is full' if full else type(err).__name__}: {' '.join(str(err).split())[:100]}"
+    return CheckpointError(f"could not write checkpoint {final} ({cause}); the previous checkpoint is intact: free "
+                           "some space, then resume with --resume latest")
 
 
 def read_state(path: str | Path) -> dict:
@@ -220,15 +238,22 @@ def read_checkpoint(path: str | Path, trainable: dict[str, torch.Tensor], rank: 
 
 
 def load_checkpoint(path: str | Path, module: torch.nn.Module, optimizer, lr_scheduler,
-                    generator: torch.Generator, rank: int = 0, scaler=None) -> dict:
+                    generator: torch.Generator, rank: int = 0, scaler=None, agree=lambda ok: ok) -> dict:
     """Load weights (by parameter name), optimizer, scheduler, GradScaler and this process's RNG / data state.
 
     Every file is read and checked first (:func:`read_checkpoint`), so a bad checkpoint raises
-    :class:`CheckpointError` and changes nothing. Returns ``state.json`` with this process's data-stream
-    state under ``"data"``.
+    :class:`CheckpointError` and changes nothing. ``agree(ok) -> bool``, a vote over the processes, makes them
+    all refuse a checkpoint that one of them cannot read (its own ``process_<rank>.pt`` damaged), so that they
+    fall back to the same older one. Returns ``state.json`` with this process's data-stream state under ``"data"``.
     """
     params = {n: p for n, p in module.named_parameters() if p.requires_grad}
-    found = read_checkpoint(path, params, rank)
+    try:
+        found = read_checkpoint(path, params, rank)
+    except CheckpointError:
+        agree(False)
+        raise
+    if not agree(True):
+        raise CheckpointError(f"checkpoint {path} is unusable on another process")
     with torch.no_grad():
         for name, value in found["weights"].items():
             params[name].copy_(value)

@@ -26,7 +26,7 @@ from .config import (
 from .errors import ConfigError, UserError
 from .figures import make_figures
 from .paper_eval import PaperEvalSettings, report_lines, run_paper_eval
-from .run_dir import History, plan_rerun
+from .run_dir import LORA_FILE, History, plan_rerun
 from .summary import format_summary
 from .toy import pairs, pretrain
 from .toy.evaluation import check_toy_counts, evaluate_toy
@@ -228,7 +228,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     per_caption = 40 if args.per_caption is None else args.per_caption
     num_draws = 8 if args.num_draws is None else args.num_draws
     check_toy_counts(per_caption, num_draws, ("--per-caption", "--num-draws"))
-    if not (Path(args.lora) / "pytorch_lora_weights.safetensors").exists():
+    if not (Path(args.lora) / LORA_FILE).exists():
         raise ConfigError(f"--lora {args.lora!r} holds no pytorch_lora_weights.safetensors: pass a train output dir")
     print_toy_evaluation(args.lora, per_caption, num_draws, args.json, progress=True)
     return 0

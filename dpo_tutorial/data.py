@@ -32,7 +32,6 @@ from .errors import DataError
 from .hub import check_hub_reachable, is_hub_id
 from .pickapic import REQUIRED_COLUMNS, schema_text
 
-
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP")  # what a preference dataset holds; nothing else is even opened
 MAX_ASPECT_RATIO = 8.0  # longer side / shorter side; beyond it the resize to the training size explodes
 MAX_IMAGE_PIXELS = 64_000_000  # per image, before resizing (PIL's own bomb limit is ~179 M)

@@ -27,8 +27,15 @@ from diffusers import DDPMScheduler
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from .data import (
+    DataError,
+    PairTransform,
+    SkipRow,
+    collate_pairs,
+    load_pickapic,
+    make_example,
+)
 from .errors import ConfigError
-from .data import DataError, PairTransform, SkipRow, collate_pairs, load_pickapic, make_example
 from .loss import implicit_accuracy
 from .models import DiffusionParts, ModelError
 from .run_dir import LORA_FILE

@@ -20,16 +20,15 @@ import numpy as np
 import torch
 
 from . import files, plots
+from .analysis import model_diff_draws
 from .config import get_preset
 from .data import PairStream, PairTransform, load_pickapic
 from .evaluate import load_with_lora
-from .analysis import model_diff_draws
 from .models import reference_mode
 from .notebook_env import budget
 from .threads import use_threads
 from .toy.evaluation import evaluate_toy, heldout_prompts
 from .train import first_steps, train
-
 
 FIGURE_THREADS = 2
 
@@ -52,16 +51,18 @@ def fix_randomness(threads: int, seed: int = 0) -> None:
 
 FIGURE_NAMES = ("logsigmoid.png", "loss_variants.png", "model_diff_geometry.png", "training_curves.png", "beta.png",
                 "shared_noise.png", "base_vs_dpo.png")
+# written to the same folder by benchmarks/taste_curve.py (hours of training: not part of `dpo-tutorial figures`)
+TASTE_FIGURE_NAMES = ("taste_curve.png", "taste_left.png")
 
 
-def _only_figures(folder: Path) -> bool:
+def only_figures(folder: Path) -> bool:
     """A figures folder written before folders were marked: it holds nothing but the figures' PNGs."""
-    return all(p.name in FIGURE_NAMES for p in folder.iterdir())
+    return all(p.name in FIGURE_NAMES + TASTE_FIGURE_NAMES for p in folder.iterdir())
 
 
 def make_figures(out_dir: str | Path = "figures") -> list[str]:
     """Write logsigmoid, beta, loss variants, geometry, shared-noise, training-curve and base-vs-DPO figures."""
-    out = files.claim_folder(out_dir, "figures", legacy=_only_figures)
+    out = files.claim_folder(out_dir, "figures", legacy=only_figures)
     fix_randomness(FIGURE_THREADS)
     written = [_save(plots.logsigmoid_figure(), out / "logsigmoid.png"),
                _save(plots.loss_variants_figure(), out / "loss_variants.png"),

@@ -14,8 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
-                       UNet2DConditionModel)
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.utils import convert_state_dict_to_diffusers
 from diffusers.utils import logging as diffusers_logging
 from huggingface_hub import hf_hub_download
@@ -199,10 +204,16 @@ def apply_speed_options(config, unets: list) -> None:
 def export_lora(unet, output_dir: str | Path, is_sdxl: bool) -> Path:
     """Write ``pytorch_lora_weights.safetensors`` in the diffusers format (``load_lora_weights`` reads it).
 
-    It is written in a temporary folder and renamed into place, so a cut export never looks finished.
+    The adapter computes :math:`W + \tfrac{\alpha}{r} B A`; the file stores no α, and a loader then takes
+    :math:`\alpha = r`, so the scale :math:`\alpha / r` is folded into each ``lora.up`` (B) matrix: any loader
+    reproduces the trained model whatever ``--lora-alpha`` was. It is written in a temporary folder and
+    renamed into place, so a cut export never looks finished.
     """
+    adapter = unet.peft_config["default"]
+    scale = adapter.lora_alpha / adapter.r
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    state = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+    state = {k: (v.detach().float() * (scale if ".lora.up." in k else 1.0)).cpu().contiguous()
+             for k, v in state.items()}
     cls = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
     out = Path(output_dir)
     tmp = files.fresh_folder(out / ".tmp-lora")

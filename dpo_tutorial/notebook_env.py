@@ -141,12 +141,13 @@ def shared_toy_config():
 
     The toy preset (with ``DPO_TUTORIAL_OVERRIDES`` when the notebooks run the toy preset), in
     :func:`toy_run_dir`, without the closing sample grid: the settings of ``make train``'s run, which it
-    therefore reuses. Fast mode: 30 steps, and the closing held-out check on 64 pairs (else up to 300: all 298 non-tie validation pairs).
+    therefore reuses. Fast mode: 10 steps of 8 pairs, and the closing held-out check on 16 pairs (else up to 300:
+    all 298 non-tie validation pairs).
     """
     overrides = notebook_overrides() if notebook_preset() == "toy" else {}
     config = get_preset("toy", **overrides)
-    return config.replace(max_steps=budget(config.max_steps, 30), output_dir=toy_run_dir(), sample_grid=False,
-                          heldout_pairs=budget(config.heldout_pairs, 64))
+    return config.replace(max_steps=budget(config.max_steps, 10), batch_size=budget(config.batch_size, 8),
+                          output_dir=toy_run_dir(), sample_grid=False, heldout_pairs=budget(config.heldout_pairs, 16))
 
 
 def notebook_config(**fields):

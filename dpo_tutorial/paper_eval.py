@@ -48,8 +48,10 @@ from tqdm.auto import tqdm
 from .config import ConfigError
 from .data import DataError, load_pickapic
 from .evaluate import check_count, check_lora_fits, implicit_reward_accuracy, win_rate
+from .files import atomic, clean_partial, write_json
 from .models import DiffusionParts, ModelError, reference_mode
 from .pickscore import PickScore
+from .run_dir import LORA_FILE
 from .sample import generate, load_text2image_pipeline, load_unet
 
 SETTINGS_FILE, PROMPTS_FILE, IMPLICIT_FILE = "settings.json", "prompts.jsonl", "implicit.jsonl"
@@ -140,13 +142,6 @@ def normalised(settings: PaperEvalSettings) -> PaperEvalSettings:
 
 # --- the output folder --------------------------------------------------------------------------------
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write ``data`` as JSON to ``path`` through a temporary file and a rename (never half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 def prepare_out_dir(out_dir: str | Path, settings: PaperEvalSettings) -> Path:
     """Create ``out_dir`` (or accept one holding this very evaluation) and write ``settings.json``.
 
@@ -157,6 +152,7 @@ def prepare_out_dir(out_dir: str | Path, settings: PaperEvalSettings) -> Path:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: expected a folder for the evaluation's images and report")
     saved = out / SETTINGS_FILE
+    clean_partial(out)  # a file a killed evaluation was writing
     if saved.is_file():
         try:
             before = json.loads(saved.read_text())
@@ -175,7 +171,7 @@ def prepare_out_dir(out_dir: str | Path, settings: PaperEvalSettings) -> Path:
         raise ConfigError(f"{out} holds files this command did not write ({', '.join(foreign[:3])}): pass an empty "
                           "or new folder as --out")
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(saved, settings.to_dict())
+    write_json(saved, settings.to_dict())
     return out
 
 
@@ -199,7 +195,8 @@ def read_log(path: Path, keys: tuple[str, ...] = ()) -> list[dict]:
             if any(rest.strip() for rest in lines[number:]):
                 raise DataError(f"{path} line {number} is not JSON ({err}): delete the folder to start over") from err
             good = b"".join(kept + b"\n" for kept in lines[:number - 1] if kept.strip())
-            path.write_bytes(good)  # drop the torn last line, so the next append starts on a fresh line
+            with atomic(path) as tmp:  # drop the torn last line, so the next append starts on a fresh line
+                tmp.write_bytes(good)
             break
         missing = [k for k in keys if k not in record] if isinstance(record, dict) else list(keys) or ["an object"]
         if missing:
@@ -344,7 +341,7 @@ def load_models(settings: PaperEvalSettings, device: str | torch.device | None =
     pipe = load_text2image_pipeline(settings.pretrained, device, dtype, settings.vae)
     tuned_unet = None
     if settings.lora:
-        if not (Path(settings.lora) / "pytorch_lora_weights.safetensors").is_file():
+        if not (Path(settings.lora) / LORA_FILE).is_file():
             raise ConfigError(f"--lora {settings.lora!r} holds no pytorch_lora_weights.safetensors: "
                               "pass a train output folder")
         check_lora_fits(pipe, settings.pretrained, settings.lora)
@@ -389,12 +386,13 @@ def sample_and_score(models: Models, out: Path, captions: list[str], settings: P
             scores[which] = np.asarray(judge(images[which], caps), float)
         seconds = (time.perf_counter() - began) / len(chunk)
         for k, index in enumerate(chunk):
-            files = {w: f"images/{w}/{index:05d}.png" for w in ("base", "tuned")}
-            for which, name in files.items():
-                Image.fromarray(images[which][k]).save(out / name)
+            names = {w: f"images/{w}/{index:05d}.png" for w in ("base", "tuned")}
+            for which, name in names.items():
+                with atomic(out / name) as tmp:
+                    Image.fromarray(images[which][k]).save(tmp, format="PNG")
             record = {"index": index, "caption": caps[k], "seed": seeds[k], "base_score": float(scores["base"][k]),
-                      "tuned_score": float(scores["tuned"][k]), "base_image": files["base"],
-                      "tuned_image": files["tuned"], "seconds": round(seconds, 3)}
+                      "tuned_score": float(scores["tuned"][k]), "base_image": names["base"],
+                      "tuned_image": names["tuned"], "seconds": round(seconds, 3)}
             append_record(log, record)
             done[index] = record
         bar.update(len(chunk))
@@ -436,7 +434,7 @@ def score_pairs(models: Models, out: Path, settings: PaperEvalSettings, progress
                 max_pairs=settings.max_pairs - scored, return_count=True, ref_unet=reference)
         except DataError:  # no decodable non-tie pair in this chunk
             accuracy, count = 0.0, 0
-        record = {"chunk": k, "rows": len(chunk), "pairs": count, "right": accuracy * count,
+        record = {"chunk": k, "rows": len(chunk), "pairs": count, "right": right_pairs(accuracy, count),
                   "seconds": round(time.perf_counter() - began, 3)}
         append_record(log, record)
         records.append(record)
@@ -448,6 +446,13 @@ def score_pairs(models: Models, out: Path, settings: PaperEvalSettings, progress
 
 
 # --- the report -------------------------------------------------------------------------------------------
+
+def right_pairs(accuracy: float, n: int) -> float:
+    """How many of ``n`` pairs an ``accuracy`` (a float32 mean, say) stands for: right pairs count 1 and exact ties
+    ½, so the count is a multiple of ½; ``accuracy * n`` alone may land just below it (0.57 in float32 × 100 is
+    56.99999...), which :func:`accuracy_interval` would read as 56 right and two ties."""
+    return round(2 * float(accuracy) * n) / 2
+
 
 def accuracy_interval(right: float, n: int) -> tuple[float, float, float]:
     """``(accuracy, low, high)``: ``right`` of ``n`` pairs, with the 95% interval that
@@ -507,7 +512,7 @@ def run_paper_eval(settings: PaperEvalSettings, out_dir: str | Path, device: str
         prompts = sample_and_score(models, out, captions, settings, judge_factory, sample_batch, progress)
     chunks = score_pairs(models, out, settings, progress) if settings.pairs else None
     report = summarise(prompts, chunks, settings)
-    write_json_atomic(out / REPORT_FILE, report)
+    write_json(out / REPORT_FILE, report)
     return report
 
 

@@ -25,8 +25,14 @@ from dataclasses import dataclass
 import torch
 
 from .loss import DPOLossOutput, diffusion_dpo_loss, sft_loss
-from .models import (DiffusionParts, diffusion_target, encode_images, encode_prompts, reference_mode,
-                     sdxl_time_ids)
+from .models import (
+    DiffusionParts,
+    diffusion_target,
+    encode_images,
+    encode_prompts,
+    reference_mode,
+    sdxl_time_ids,
+)
 from .noise import shared_noise, shared_timesteps
 
 

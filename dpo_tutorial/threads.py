@@ -14,9 +14,10 @@ import torch
 
 
 def threads_per_process(num_threads: int | None, world_size: int = 1) -> int:
-    """``num_threads`` when given, else ``OMP_NUM_THREADS``, else the machine's cores divided by ``world_size``."""
-    return (num_threads or int(os.environ.get("OMP_NUM_THREADS", "0") or 0)
-            or max(1, (os.cpu_count() or 1) // world_size))
+    """``num_threads`` when given, else ``OMP_NUM_THREADS`` (its first level, e.g. 4 of ``"4,2"``; a value that is
+    not a positive count is ignored), else the machine's cores divided by ``world_size``."""
+    first = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return num_threads or (int(first) if first.isdigit() else 0) or max(1, (os.cpu_count() or 1) // world_size)
 
 
 def use_threads(threads: int, deterministic: bool = False) -> None:

@@ -40,15 +40,40 @@ from . import checkpoint as ckpt
 from . import files
 from .cache import LatentCache, auto_cache, check_cache
 from .config import ConfigError, TrainConfig
-from .data import (DataError, PairStream, PairTransform, check_dataset_source, load_pickapic, usable_rows)
+from .data import (
+    DataError,
+    PairStream,
+    PairTransform,
+    check_dataset_source,
+    load_pickapic,
+    usable_rows,
+)
 from .evaluate import heldout_accuracy
 from .hub import is_hub_id
 from .loss import STEP_METRICS, DPOLossOutput
-from .models import (DiffusionParts, check_source, export_lora, export_unet, latent_shape, load_parts,
-                     prepare_for_training, weight_dtype)
+from .models import (
+    DiffusionParts,
+    check_source,
+    export_lora,
+    export_unet,
+    latent_shape,
+    load_parts,
+    prepare_for_training,
+    weight_dtype,
+)
 from .prefetch import Prefetcher
-from .run_dir import (History, append_record, check_resume, claim_run_folder, lock_output_dir, plan_rerun,
-                      read_history, release_output_dir, truncate_history, write_run_config)
+from .run_dir import (
+    History,
+    append_record,
+    check_resume,
+    claim_run_folder,
+    lock_output_dir,
+    plan_rerun,
+    read_history,
+    release_output_dir,
+    truncate_history,
+    write_run_config,
+)
 from .sample import write_sample_grid
 from .step import dpo_step
 from .summary import tail_means
@@ -108,10 +133,12 @@ def start_accelerator(config: TrainConfig) -> Accelerator:
     """accelerate for this run; several processes without a GPU (torchrun / accelerate launch on CPU) form a gloo
     process group (accelerate forms one only when told ``cpu=True``; otherwise each process would train alone)."""
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    state = AcceleratorState._shared_state  # accelerate keeps one state per process (a notebook's kernel)
+    # accelerate keeps one state per process (a notebook's kernel) and refuses another precision in it ("restart
+    # your runtime"); a single process resets it. These are accelerate's private names: checked before use.
+    state = getattr(AcceleratorState, "_shared_state", None)
     if state and state.get("_mixed_precision", config.mixed_precision) != config.mixed_precision and \
-            int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        AcceleratorState._reset_state(reset_partial_state=True)  # else: "restart your runtime" for another precision
+            int(os.environ.get("WORLD_SIZE", "1")) == 1 and hasattr(AcceleratorState, "_reset_state"):
+        AcceleratorState._reset_state(reset_partial_state=True)
     accelerator = Accelerator(gradient_accumulation_steps=config.grad_accum, mixed_precision=config.mixed_precision,
                               log_with=config.report_to, project_dir=config.output_dir, cpu=multi_cpu)
     if config.num_processes and accelerator.num_processes != config.num_processes:
@@ -235,7 +262,8 @@ def resume(run: TrainingRun) -> int:
     def load(path: Path) -> dict:
         check_resume(path, config, acc.num_processes)
         return ckpt.load_checkpoint(path, acc.unwrap_model(run.unet), run.optimizer, run.lr_scheduler,
-                                    run.generator, rank=acc.process_index, scaler=acc.scaler)
+                                    run.generator, rank=acc.process_index, scaler=acc.scaler,
+                                    agree=lambda ok: all_ranks_agree(acc, ok))
 
     resume_from, state = ckpt.load_first_good(ckpt.resume_candidates(config.resume, run.out), load)
     if resume_from is not None:
@@ -340,7 +368,7 @@ def _save(run: TrainingRun, step: int, prune: bool = True) -> None:
     ckpt.save_checkpoint(run.out, step, trainable=trainable, optimizer=run.optimizer, lr_scheduler=run.lr_scheduler,
                          generator=run.generator, data_state=(run.batches or run.stream).state_dict(),
                          extra={"config": run.config.to_dict()}, rank=acc.process_index,
-                         world_size=acc.num_processes, barrier=acc.wait_for_everyone,
+                         world_size=acc.num_processes, agree=lambda ok: all_ranks_agree(acc, ok),
                          limit=run.config.checkpoints_total_limit if prune else None, scaler=acc.scaler)
 
 
@@ -430,19 +458,31 @@ def train(config: TrainConfig) -> History:
     (under fp16, overflowing gradients are the GradScaler's to skip).
     """
     run = setup_run(config)
-    resume(run)
-    run.batches = Prefetcher(run.stream, prefetch_depth(config, run.accelerator.device, run.cached))
-    try:
-        run_loop(run)
+    try:  # whatever stops the run, the folder's lock is released (a notebook may call train again at once)
+        resume(run)
+        run.batches = Prefetcher(run.stream, prefetch_depth(config, run.accelerator.device, run.cached))
+        try:
+            run_loop(run)
+        finally:
+            run.batches.close()
+        run.history.data_summary = data_summary(run.stream)
+        if run.accelerator.is_main_process:
+            write_artefacts(run)
+        run.accelerator.wait_for_everyone()
     finally:
-        run.batches.close()
-    run.history.data_summary = data_summary(run.stream)
-    if run.accelerator.is_main_process:
-        write_artefacts(run)
-    run.accelerator.wait_for_everyone()
-    run.accelerator.end_training()
-    release_output_dir(run.out)
+        run.accelerator.end_training()
+        release_output_dir(run.out)
     return run.history
+
+
+def shown_path(path: str | Path) -> str:
+    """``path`` as a reader finds it: relative to the working folder when it lies there or one folder up
+    (a notebook's ``../runs/toy``), else as given."""
+    try:
+        relative = os.path.relpath(Path(path).resolve(), Path.cwd().resolve())
+    except ValueError:  # another drive (Windows)
+        return str(path)
+    return relative if not relative.startswith(os.path.join("..", "..")) else str(path)
 
 
 def train_or_reuse(config: TrainConfig) -> tuple[History, TrainConfig]:
@@ -456,7 +496,7 @@ def train_or_reuse(config: TrainConfig) -> tuple[History, TrainConfig]:
     if plan.action != "finished":
         return train(plan.config), plan.config
     history = History.load(plan.config.output_dir)
-    print(f"reusing the finished run in {plan.config.output_dir} ({len(history)} steps, same settings)")
+    print(f"reusing the finished run in {shown_path(plan.config.output_dir)} ({len(history)} steps, same settings)")
     return history, plan.config
 
 

@@ -6,7 +6,7 @@ anything. Each notebook runs in a fresh kernel, in order (00, 01, ..., 08, then 
 (machine, date, package and torch versions, seconds) and its first cell says so in one line.
 
     python scripts/execute_notebooks.py                  # all of them
-    python scripts/execute_notebooks.py 05_train_lora    # some (names without .ipynb)
+    python scripts/execute_notebooks.py 04_train_lora    # some (names without .ipynb)
 
 Prints each notebook's wall time and the total; exits non-zero if a notebook fails (the file is then left
 as it was).
@@ -24,6 +24,8 @@ from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
+
+from dpo_tutorial.files import atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -50,6 +52,7 @@ def versions() -> dict:
 
 
 def provenance_line(record: dict) -> str:
+    """The line under a notebook's title that says where its outputs came from."""
     return (f"*The outputs below come from one full run of this notebook (`make executed`) on {record['machine']}, "
             f"{record['date']}, dpo-tutorial {record['dpo_tutorial']}, torch {record['torch']}; your numbers may "
             f"differ a little (another CPU rounds differently).*")
@@ -77,11 +80,14 @@ def execute(path: Path, record: dict) -> float:
             os.environ["DPO_TUTORIAL_FAST"] = env_fast
     seconds = time.perf_counter() - start
     nb.metadata["dpo_tutorial_run"]["seconds"] = round(seconds, 1)
-    nbformat.write(nb, str(path))
+    with atomic(path) as tmp:  # a killed run leaves the committed notebook as it was
+        nbformat.write(nb, str(tmp))
     return seconds
 
 
 def main(names: list[str]) -> int:
+    """Execute the notebooks named (all when none), the solutions last; print each one's time and the total."""
+    os.environ["TQDM_DISABLE"] = "1"  # a progress bar saved mid-way reads as stuck on GitHub; the numbers stay
     paths = sorted(p for p in NOTEBOOKS.glob("*.ipynb") if not names or p.stem in names)
     paths = [p for p in paths if p.stem != "solutions"] + [p for p in paths if p.stem == "solutions"]
     record = {"mode": "full", "machine": machine(), "date": date.today().isoformat(), **versions()}

@@ -10,11 +10,18 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# one share of the cores per pytest worker (oversubscribed CPU threads slow torch 10-50x)
-os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1)
-                                              // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1)))))
+# one share of the cores per pytest-xdist worker (oversubscribed CPU threads slow torch 10-50x); the notebooks' kernels
+# inherit it. A worker sets its share even when the controller (which loads this file too, as one process) set its own.
+if "PYTEST_XDIST_WORKER" in os.environ or "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1))))
 if torch.get_num_threads() != int(os.environ["OMP_NUM_THREADS"]):  # the call costs MKL its dynamic threading
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+import datasets  # noqa: E402
+
+# datasets waits 5 s after every pass over a streamed parquet (a guard against pyarrow's thread-shutdown crash,
+# apache/arrow#45214, which strikes at interpreter exit); the tests end many short passes, so a short wait will do
+datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0.2
 
 from dpo_tutorial.config import TrainConfig  # noqa: E402
 from dpo_tutorial.pickapic import encode_image, pickapic_row, write_pickapic_parquet  # noqa: E402

@@ -158,8 +158,9 @@ def test_the_cache_encodes_images_in_chunks_of_the_vae_batch_with_the_same_laten
     assert sizes == [68]
     small, big = load_file(str(tmp_path / "small" / "shard-00000.safetensors")), load_file(
         str(tmp_path / "big" / "shard-00000.safetensors"))
-    for name in ("mean", "std"):
-        torch.testing.assert_close(small[name], big[name], rtol=0, atol=0)
+    for name in ("mean", "std"):  # the same latents up to float rounding: on one CPU thread the convolutions
+        # sum in another order for a batch of 3 than for 68 (differences up to 1e-6 where the values are ~0.1-1)
+        torch.testing.assert_close(small[name], big[name], rtol=1e-5, atol=1e-5)
 
 
 def _damage(cache_dir: Path, kind: str, shard_index: int = 1) -> None:

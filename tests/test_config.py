@@ -1,5 +1,6 @@
 """Config validation, presets and the CLI flag set."""
 import dataclasses
+import os
 import subprocess
 import sys
 
@@ -132,3 +133,14 @@ def test_notebook_settings_read_preset_and_overrides_from_the_environment(monkey
         monkeypatch.setenv("DPO_TUTORIAL_PRESET", name)
         with pytest.raises(ConfigError, match=f"DPO_TUTORIAL_PRESET='{name}' is not a notebook preset"):
             notebook_preset()
+
+
+@pytest.mark.parametrize("value, expected", [("3", 3), ("4,2", 4), ("", None), ("auto", None), ("0", None)])
+def test_threads_per_process_reads_omp_num_threads_and_ignores_what_is_not_a_count(value, expected, monkeypatch):
+    """A nested setting such as "4,2" once raised a bare ValueError traceback."""
+    from dpo_tutorial.threads import threads_per_process
+
+    monkeypatch.setenv("OMP_NUM_THREADS", value)
+    cores = max(1, (os.cpu_count() or 1) // 2)
+    assert threads_per_process(None, world_size=2) == (expected or cores)
+    assert threads_per_process(5, world_size=2) == 5

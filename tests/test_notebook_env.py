@@ -16,6 +16,7 @@ def test_device_is_cpu_here_and_dtype_halves_only_on_a_gpu():
 
 def test_runs_folder_moves_relative_runs_under_dpo_tutorial_runs(monkeypatch, tmp_path):
     monkeypatch.delenv("DPO_TUTORIAL_RUNS", raising=False)
+    monkeypatch.delenv("DPO_TUTORIAL_FAST", raising=False)  # full mode: `make test` runs the suite in fast mode
     assert runs_folder("runs/sd15") == "runs/sd15"
     monkeypatch.setenv("DPO_TUTORIAL_RUNS", str(tmp_path / "drive"))
     assert runs_folder("runs/sd15") == str(tmp_path / "drive" / "sd15")
@@ -41,7 +42,7 @@ def test_the_shared_toy_run_is_make_trains_folder_in_full_mode_only(monkeypatch,
     assert checkout_root() == root.resolve()
     assert toy_run_dir() == str(root.resolve() / "runs" / "toy")  # where `make train` (run at the root) writes
     assert toy_run_dir("toy-sft") == str(root.resolve() / "runs" / "toy-sft")
-    monkeypatch.setenv("DPO_TUTORIAL_FAST", "1")  # a 30-step CI run must never take the full run's folder
+    monkeypatch.setenv("DPO_TUTORIAL_FAST", "1")  # a short CI run must never take the full run's folder
     assert toy_run_dir() == str(root.resolve() / "runs" / "fast" / "toy")
     monkeypatch.delenv("DPO_TUTORIAL_FAST")
     monkeypatch.setenv("DPO_TUTORIAL_RUNS", str(tmp_path / "drive"))
@@ -69,12 +70,12 @@ def test_make_trains_run_is_the_notebooks_shared_run(monkeypatch, tmp_path):
     notebook = shared_toy_config()  # as notebooks 03, 04, 06, 07 and the solutions build it
     assert notebook.output_dir == saved["output_dir"] and notebook.max_steps == cli.max_steps
     assert resume_differences({"step": cli.max_steps, "config": saved}, notebook) == []
-    monkeypatch.setenv("DPO_TUTORIAL_FAST", "1")  # CI's short run: its own folder, 30 steps, a 64-pair check
+    monkeypatch.setenv("DPO_TUTORIAL_FAST", "1")  # CI's short run: its own folder, 10 steps of 8 pairs, a 16-pair check
     fast = shared_toy_config()
-    assert (fast.output_dir, fast.max_steps, fast.heldout_pairs) == (str(root.resolve() / "runs" / "fast" / "toy"),
-                                                                     30, 64)
-    assert fast.replace(max_steps=cli.max_steps, heldout_pairs=cli.heldout_pairs, sample_grid=True,
-                        output_dir=cli.output_dir) == cli
+    assert (fast.output_dir, fast.max_steps, fast.batch_size, fast.heldout_pairs) == (
+        str(root.resolve() / "runs" / "fast" / "toy"), 10, 8, 16)
+    assert fast.replace(max_steps=cli.max_steps, batch_size=cli.batch_size, heldout_pairs=cli.heldout_pairs,
+                        sample_grid=True, output_dir=cli.output_dir) == cli
 
 
 def test_eval_batch_fits_a_t4_at_512_px_and_keeps_the_toy_at_64():

@@ -59,7 +59,7 @@ def test_the_committed_notebook_ran_top_to_bottom_in_full_mode(path):
     run = nb["metadata"].get("dpo_tutorial_run", {})
     assert run.get("mode") == "full" and run.get("machine") and run.get("date")
     assert "*The outputs below come from one full run of this notebook" in "".join(nb["cells"][0]["source"])
-    printed = "".join(o.get("text", "") for c in code for o in c.get("outputs", []) if o.get("output_type") == "stream")
+    printed = "".join("".join(o.get("text", "")) for c in code for o in c.get("outputs", []) if o.get("output_type") == "stream")
     assert "mode: full" in printed and "fast mode, small counts" not in printed
 
 
@@ -94,7 +94,7 @@ def test_notebook_uses_python3_and_its_colab_badge_names_the_repository(path):
     owner_repo = REPOSITORY.removeprefix("https://github.com/")
     badge = f"(https://colab.research.google.com/github/{owner_repo}/blob/main/notebooks/{path.name})"
     assert nb["cells"][0]["cell_type"] == "markdown" and badge in "".join(nb["cells"][0]["source"]).splitlines()[0]
-    assert len(nb["cells"]) <= 30
+    assert len(nb["cells"]) <= (40 if path.stem == "solutions" else 30)  # the solutions: three exercises x nine notebooks
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -45,6 +45,7 @@ def sd15_env(tmp_path_factory, sd_dir):
         "import datasets.config\ndatasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0\n")
     (startup / "01-device-guard.py").write_text("from dpo_tutorial.testing.device_guard import install\ninstall()\n")
     return {"DPO_TUTORIAL_PRESET": "sd15", "DPO_TUTORIAL_FAST": "1",
+            "DPO_TUTORIAL_RUNS": str(root / "runs"),  # the toy cells' runs too: never the checkout's runs/fast
             "DPO_TUTORIAL_OVERRIDES": json.dumps(overrides),
             "DPO_TUTORIAL_PICKSCORE": str(build_tiny_pickscore(root / "pickscore")),
             "IPYTHONDIR": str(root / "ipython")}

@@ -20,6 +20,7 @@ from PIL import Image
 import dpo_tutorial.paper_eval as paper_eval
 from dpo_tutorial.cli import main
 from dpo_tutorial.data import DataError, load_pickapic
+from dpo_tutorial.evaluate import win_rate
 from dpo_tutorial.paper_eval import (PaperEvalSettings, accuracy_interval, load_captions, prepare_out_dir, read_log,
                                      run_paper_eval)
 
@@ -230,6 +231,11 @@ def test_a_folder_with_other_settings_or_foreign_files_is_refused(sd_dir, tmp_pa
     assert main([*args[:-1], str(tmp_path / "mine")]) == 2
     assert "holds files this command did not write (notes.txt)" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "my notes"
+    crashed = tmp_path / "crashed"  # killed while writing its settings: only the half-written temporary file
+    crashed.mkdir()
+    (crashed / ".settings.json.123-abcd1234.tmp").write_text('{"pretr')
+    prepare_out_dir(crashed, settings)
+    assert sorted(p.name for p in crashed.iterdir()) == ["settings.json"]
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -298,3 +304,12 @@ def test_accuracy_interval_is_the_win_rate_interval_of_the_per_pair_outcomes():
     assert rate == pytest.approx(0.605) and low < rate < high
     outcomes = np.r_[np.ones(60), 0.5, np.zeros(39)]
     assert high - rate == pytest.approx(1.96 * outcomes.std(ddof=1) / 10)
+
+
+def test_right_pairs_is_a_whole_or_half_count_whatever_the_float_rounding():
+    assert float(np.float32(0.57)) * 100 < 57                          # the rounding that once cost a pair
+    assert paper_eval.right_pairs(np.float32(0.57), 100) == 57.0
+    assert paper_eval.right_pairs(np.float32(56.5 / 100), 100) == 56.5   # one exact tie
+    assert accuracy_interval(paper_eval.right_pairs(np.float32(0.57), 100), 100) == win_rate(
+        np.full(100, 0.5), np.r_[np.ones(57), np.zeros(43)])
+

@@ -1,12 +1,16 @@
 """The figures read: smoothed training curves, a shared-noise histogram on the data's own scale, a labelled
 samples grid, and figure generation that does not depend on the machine's thread settings."""
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
-from dpo_tutorial import plots
-from dpo_tutorial.sample import image_grid, labelled_grid
+from dpo_tutorial import files, plots
+from dpo_tutorial.figures import only_figures
 from dpo_tutorial.run_dir import History
+from dpo_tutorial.sample import image_grid, labelled_grid
 
 
 def test_smooth_keeps_length_and_level_and_removes_noise():
@@ -138,3 +142,19 @@ def test_labels_curve_labels_only_the_counts():
     assert [t.get_text() for t in ax.get_xticklabels(minor=True) if t.get_text()] == []
     line = ax.lines[0]
     assert list(line.get_ydata()) == [0.7, 0.9]
+
+
+def test_the_committed_figures_folder_is_one_the_figures_command_may_write(tmp_path):
+    """`dpo-tutorial figures` on a fresh checkout: the committed folder (its marker, or without one only figure PNGs)
+    is accepted; a file of the user's in it is refused (this once refused the checkout's own taste figures)."""
+    committed = Path(__file__).resolve().parents[1] / "figures"
+    copy = shutil.copytree(committed, tmp_path / "figures")
+    assert files.claim_folder(copy, "figures") == copy
+    (copy / files.MARKER).unlink()
+    assert files.claim_folder(copy, "figures", legacy=only_figures) == copy     # no marker: recognised, then marked
+    assert (copy / files.MARKER).read_text().strip() == "figures"
+    (copy / files.MARKER).unlink()
+    (copy / "my_notes.txt").write_text("mine")
+    with pytest.raises(files.FolderError):
+        files.claim_folder(copy, "figures", legacy=only_figures)
+

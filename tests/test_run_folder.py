@@ -169,6 +169,59 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_previous_chec
     assert ckpt.list_checkpoints(run_copy)[-1].name == "checkpoint-3" and not list(run_copy.glob(".tmp-*"))
 
 
+def _tiny_checkpoint_args():
+    layer = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    return layer, dict(trainable=dict(layer.named_parameters()), optimizer=optimizer,
+                       lr_scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+                       generator=torch.Generator(), data_state={}, extra={})
+
+
+def test_a_checkpoint_another_process_cannot_write_fails_on_every_process_and_none_waits(tmp_path, monkeypatch):
+    """Every stage ends in a vote: the main process raises when another one failed (it used to wait at a barrier
+    for ever when the main process failed, or the others did), and votes False itself when its own write fails."""
+    _, args = _tiny_checkpoint_args()
+    ckpt.save_checkpoint(tmp_path, 1, **args)
+    votes = []
+
+    def other_process_fails_its_part(ok):  # this process's vote ANDed with the other's: False at the second stage
+        votes.append(ok)
+        return ok and len(votes) != 2
+
+    with pytest.raises(ckpt.CheckpointError, match="another process could not write its part"):
+        ckpt.save_checkpoint(tmp_path, 2, agree=other_process_fails_its_part, **args)
+    assert votes == [True, True] and [p.name for p in tmp_path.iterdir()] == ["checkpoint-1"]
+
+    real, votes[:] = ckpt.torch.save, []
+
+    def full_for_rank_1(obj, path, *a, **k):
+        if "process_1" in str(path):
+            raise OSError(28, "No space left on device")
+        return real(obj, path, *a, **k)
+
+    monkeypatch.setattr(ckpt.torch, "save", full_for_rank_1)
+    with pytest.raises(ckpt.CheckpointError, match="the disk is full"):
+        ckpt.save_checkpoint(tmp_path, 2, rank=1, world_size=2, agree=lambda ok: votes.append(ok) or ok, **args)
+    assert votes == [True, False]                       # rank 1 had nothing to do in stage 1, then failed
+
+
+def test_a_checkpoint_one_process_cannot_read_is_refused_by_all(tmp_path):
+    layer, args = _tiny_checkpoint_args()
+    path = ckpt.save_checkpoint(tmp_path, 1, **args)
+    before = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.weight.add_(1.0)
+    with pytest.raises(ckpt.CheckpointError, match="unusable on another process"):
+        ckpt.load_checkpoint(path, layer, args["optimizer"], args["lr_scheduler"], torch.Generator(),
+                             agree=lambda ok: False)
+    assert torch.equal(layer.weight, before + 1.0)      # nothing was loaded
+    votes = []
+    with pytest.raises(ckpt.CheckpointError):            # its own file missing: it votes False, then raises
+        ckpt.load_checkpoint(path, layer, args["optimizer"], args["lr_scheduler"], torch.Generator(), rank=1,
+                             agree=lambda ok: votes.append(ok) or ok)
+    assert votes == [False]
+
+
 # ------------------------------------------------------------------------------- rerun and resume rules
 def test_resuming_a_cosine_run_with_another_max_steps_is_refused_a_constant_one_continues(sd_dir, pairs_parquet,
                                                                                           tmp_path):

@@ -95,13 +95,21 @@ def test_scripted_labeller_clicks_through_the_widget(tmp_path):
         store.record("left")
 
 
-@pytest.mark.slow
 def test_train_on_labels_never_empties_a_folder_that_is_not_a_run(tmp_path):
+    """A folder of the user's is refused; a run folder interrupted before its first step (marker and lock, no
+    config.json yet) is the package's and is replaced (it used to be refused as "holds no run")."""
+    from dpo_tutorial import files
+    from dpo_tutorial.data import DataError
     from dpo_tutorial.toy.your_taste import train_on_labels
 
     keep = tmp_path / "photos"
     keep.mkdir()
     (keep / "holiday.jpg").write_bytes(b"x")
-    with pytest.raises(FileExistsError, match="holds no run"):
+    with pytest.raises(FileExistsError, match="holds no dpo-tutorial run"):
         train_on_labels(tmp_path / "labels", keep)
     assert (keep / "holiday.jpg").exists()
+    interrupted = files.claim_folder(tmp_path / "run", "run")
+    (interrupted / ".lock").write_text("")
+    with pytest.raises(DataError, match="does not exist"):   # removed, then the missing labels are refused
+        train_on_labels(tmp_path / "no-labels", interrupted)
+    assert not (interrupted / ".lock").exists()

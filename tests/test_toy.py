@@ -121,20 +121,23 @@ def test_shipped_pairs_keep_three_caption_combinations_out_of_training():
 
 
 @pytest.mark.slow
-def test_evaluate_toy_reports_seen_and_unseen_captions(tmp_path, capsys):
+def test_evaluate_toy_reports_seen_and_unseen_captions(tmp_path, capsys, monkeypatch):
     """The CLI's JSON is evaluate_toy's result; each group's numbers recomputed by hand from the samples."""
     import json
+    import sys
 
     import pyarrow.compute as pc
 
     from dpo_tutorial.cli import main, toy_evaluation_table
-    from dpo_tutorial.toy.evaluation import evaluate_toy
     from dpo_tutorial.toy.pairs import UNSEEN_CAPTIONS
     from dpo_tutorial.train import train
 
     train(get_preset("toy", max_steps=5, output_dir=str(tmp_path), sample_grid=False, checkpoint_every=0))
-    result, samples = evaluate_toy(tmp_path, per_caption=2, num_draws=1)
+    cli, returned = sys.modules["dpo_tutorial.cli"], []
+    real = cli.evaluate_toy
+    monkeypatch.setattr(cli, "evaluate_toy", lambda *a, **k: returned.append(real(*a, **k)) or returned[-1])
     assert main(["evaluate", "--lora", str(tmp_path), "--per-caption", "2", "--num-draws", "1", "--json"]) == 0
+    (result, samples), = returned                        # what the command computed, with its samples
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed == json.loads(json.dumps(result.to_dict()))  # the same numbers, nested under seen / unseen
     assert printed["n"] == 24 and printed["seen"]["n"] == 18 and printed["unseen"]["n"] == 6
@@ -157,7 +160,8 @@ def test_evaluate_toy_reports_seen_and_unseen_captions(tmp_path, capsys):
     assert printed["implicit_acc"] == pytest.approx(pooled / printed["implicit_pairs"])
     table = "\n".join(toy_evaluation_table(result))
     assert "seen captions," in table and "unseen captions" in table and f"{result.unseen.win_rate:.3f}" in table
-    assert main(["evaluate", "--lora", str(tmp_path), "--per-caption", "1", "--num-draws", "1"]) == 0
+    monkeypatch.setattr(cli, "evaluate_toy", lambda *a, **k: (result, samples))  # the table, without sampling again
+    assert main(["evaluate", "--lora", str(tmp_path), "--per-caption", "2", "--num-draws", "1"]) == 0
     assert "a red circle, a green square, a blue triangle" in capsys.readouterr().out
 
 

@@ -8,7 +8,7 @@ import torch
 
 from dpo_tutorial.config import ConfigError, TrainConfig, get_preset
 from dpo_tutorial.data import PairStream, PairTransform, load_pickapic
-from dpo_tutorial.models import add_lora, load_parts
+from dpo_tutorial.models import add_lora, export_lora, load_parts
 from dpo_tutorial.step import dpo_step
 from dpo_tutorial.run_dir import History
 from dpo_tutorial.train import train
@@ -50,6 +50,32 @@ def test_exported_lora_loads_into_pipeline_and_changes_output(sd_dir, pairs_parq
     pipe.load_lora_weights(str(tmp_path))
     tuned = pipe(["a red square"], **{**kw, "generator": torch.Generator().manual_seed(0)}).images
     assert np.abs(tuned - base).max() > 1e-3
+
+
+@pytest.mark.parametrize("alpha", [4, 8])
+def test_an_exported_lora_reproduces_the_trained_unet_whatever_its_alpha(alpha, sd_dir, tmp_path):
+    """The adapter scales B·A by α/r; a loaded file (which stores no α) must predict what the trained UNet did
+    (an α of twice the rank once loaded at half its strength)."""
+    from diffusers import StableDiffusionPipeline
+
+
+    parts = load_parts(str(sd_dir))
+    torch.manual_seed(0)
+    for p in add_lora(parts.unet, rank=4, alpha=alpha, init_seed=0):
+        p.data.add_(0.1 * torch.randn_like(p))                       # B off zero: a trained-looking adapter
+    export_lora(parts.unet, tmp_path, is_sdxl=False)
+    pipe = StableDiffusionPipeline.from_pretrained(str(sd_dir), safety_checker=None)
+    pipe.load_lora_weights(str(tmp_path))
+    g = torch.Generator().manual_seed(1)
+    x_t = torch.randn(2, parts.unet.config.in_channels, 8, 8, generator=g)
+    text = torch.randn(2, 77, parts.unet.config.cross_attention_dim, generator=g)
+    timesteps = torch.tensor([10, 500])
+    with torch.no_grad():
+        trained = parts.unet(x_t, timesteps, text).sample
+        loaded = pipe.unet(x_t, timesteps, text).sample
+        base = pipe.unet(x_t, timesteps, text, cross_attention_kwargs={"scale": 0.0}).sample
+    assert (trained - base).abs().max() > 1e-3                          # the adapter does something
+    torch.testing.assert_close(loaded, trained, rtol=1e-4, atol=1e-5)
 
 
 def test_exported_sdxl_lora_loads(sdxl_dir, pairs_parquet, tmp_path):

@@ -71,7 +71,11 @@ def build_tiny_pipeline(out_dir: str | Path, sdxl: bool = False, prediction_type
     64x64 latents instead of 256x256), a UNet2DConditionModel (SDXL: ``text_time`` micro-conditioning), and a
     DDPM scheduler.
     """
-    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import (
+        DDPMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
 
     out = Path(out_dir)
     tok = build_clip_tokenizer(WORDS, out / "tokenizer")

@@ -22,8 +22,15 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..data import load_pickapic
-from ..evaluate import (EvalResult, approx_duration, check_count, compare_samples, implicit_reward_accuracy,
-                        load_with_lora, summarise_samples)
+from ..evaluate import (
+    EvalResult,
+    approx_duration,
+    check_count,
+    compare_samples,
+    implicit_reward_accuracy,
+    load_with_lora,
+    summarise_samples,
+)
 from . import GUIDANCE_SCALE, PAIRS_DIR, PIPELINE_DIR, SAMPLE_STEPS, judge, world
 from .pairs import UNSEEN_CAPTIONS
 
@@ -102,7 +109,7 @@ def check_toy_counts(per_caption: int, num_draws: int, names: tuple[str, str] = 
                 f"sample {images:,} images (12 captions x 2 models x {per_caption}), about "
                 f"{approx_duration(images / CPU_IMAGES_PER_SECOND)} on a CPU core")
     test = Path(pairs_dir) / "test.parquet"
-    pairs = pq.ParquetFile(test).metadata.num_rows if test.is_file() else 600
+    pairs = pq.read_metadata(test).num_rows if test.is_file() else 600
     check_count(names[1], num_draws, MAX_NUM_DRAWS,
                 f"score {pairs} test pairs {num_draws:,} times ({4 * pairs * num_draws:,} UNet passes), about "
                 f"{approx_duration(pairs * num_draws / CPU_PAIR_DRAWS_PER_SECOND)} on a CPU core")

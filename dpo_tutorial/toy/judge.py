@@ -27,7 +27,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
-from .world import BACKGROUND, COLOURS, SHAPES, all_captions, caption_for, parse_caption, render_caption
+from .world import (
+    BACKGROUND,
+    COLOURS,
+    SHAPES,
+    all_captions,
+    caption_for,
+    parse_caption,
+    render_caption,
+)
 
 COLOUR_NAMES = list(COLOURS)
 _PALETTE = torch.tensor([COLOURS[c] for c in COLOUR_NAMES], dtype=torch.float32) / 255.0  # (4, 3)

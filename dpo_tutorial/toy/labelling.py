@@ -23,7 +23,12 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from .. import files
-from ..pickapic import encode_image, pickapic_arrow_schema, pickapic_row, write_pickapic_parquet
+from ..pickapic import (
+    encode_image,
+    pickapic_arrow_schema,
+    pickapic_row,
+    write_pickapic_parquet,
+)
 from ..sample import generate
 from . import GUIDANCE_SCALE, SAMPLE_STEPS, world
 from .tastes import Taste, scripted_labels

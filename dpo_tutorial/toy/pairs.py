@@ -30,7 +30,14 @@ import torch
 
 from dpo_tutorial.pickapic import encode_image, pickapic_row, write_pickapic_parquet
 from dpo_tutorial.sample import generate, load_pipeline
-from dpo_tutorial.toy import GUIDANCE_SCALE, PAIRS_DIR, PIPELINE_DIR, SAMPLE_STEPS, judge, world
+from dpo_tutorial.toy import (
+    GUIDANCE_SCALE,
+    PAIRS_DIR,
+    PIPELINE_DIR,
+    SAMPLE_STEPS,
+    judge,
+    world,
+)
 from dpo_tutorial.toy.tastes import preference_labels
 
 DEFAULT_PIPELINE = PIPELINE_DIR

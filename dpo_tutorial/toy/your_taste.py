@@ -9,7 +9,6 @@ ask for, which the labels never mentioned).
 """
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from .. import files
 from ..config import get_preset
 from ..evaluate import compare_samples, load_with_lora, win_rate
 from ..pickapic import write_pickapic_parquet
@@ -75,13 +75,15 @@ def train_on_labels(label_dir: str | Path, output_dir: str | Path, seed: int = 0
     """``(history, config)`` of a fresh :func:`taste_config` run on the labels in ``label_dir``.
 
     Labels change between runs (you label more, or relabel), so an earlier run in ``output_dir`` is replaced,
-    never reused; a folder that is not a run (no ``config.json``) is refused rather than emptied.
+    never reused, even one interrupted before its first step; a folder the package did not make for a run (no
+    run marker, :data:`dpo_tutorial.files.MARKER`) is refused rather than emptied.
     """
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()):
-        if not (out / "config.json").exists():
-            raise FileExistsError(f"{out} is not empty and holds no run (no config.json): choose another folder")
-        shutil.rmtree(out)
+        marker = out / files.MARKER
+        if not (marker.is_file() and marker.read_text(errors="replace").strip() == "run"):
+            raise FileExistsError(f"{out} is not empty and holds no dpo-tutorial run: choose another folder")
+        files.remove_folder(out)
     config = taste_config(label_dir, out, seed=seed, **overrides)
     return train(config), config
 
