@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -51,7 +50,7 @@ from .evaluate import check_count, check_lora_fits, implicit_reward_accuracy, wi
 from .files import atomic, clean_partial, write_json
 from .models import DiffusionParts, ModelError, reference_mode
 from .pickscore import PickScore
-from .run_dir import LORA_FILE
+from .run_dir import LORA_FILE, append_record
 from .sample import generate, load_text2image_pipeline, load_unet
 
 SETTINGS_FILE, PROMPTS_FILE, IMPLICIT_FILE = "settings.json", "prompts.jsonl", "implicit.jsonl"
@@ -203,14 +202,6 @@ def read_log(path: Path, keys: tuple[str, ...] = ()) -> list[dict]:
             raise DataError(f"{path} line {number} lacks {', '.join(missing)}: delete the folder to start over")
         records.append(record)
     return records
-
-
-def append_record(path: Path, record: dict) -> None:
-    """Append one JSON line to ``path`` and force it to disk (a crash after this keeps the record)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # --- captions and pairs ----------------------------------------------------------------------------------
@@ -393,7 +384,7 @@ def sample_and_score(models: Models, out: Path, captions: list[str], settings: P
             record = {"index": index, "caption": caps[k], "seed": seeds[k], "base_score": float(scores["base"][k]),
                       "tuned_score": float(scores["tuned"][k]), "base_image": names["base"],
                       "tuned_image": names["tuned"], "seconds": round(seconds, 3)}
-            append_record(log, record)
+            append_record(log, record, sync=True)
             done[index] = record
         bar.update(len(chunk))
     bar.close()
@@ -436,7 +427,7 @@ def score_pairs(models: Models, out: Path, settings: PaperEvalSettings, progress
             accuracy, count = 0.0, 0
         record = {"chunk": k, "rows": len(chunk), "pairs": count, "right": right_pairs(accuracy, count),
                   "seconds": round(time.perf_counter() - began, 3)}
-        append_record(log, record)
+        append_record(log, record, sync=True)
         records.append(record)
         scored += count
         bar.set_postfix(pairs=scored, accuracy=f"{sum(r['right'] for r in records) / max(scored, 1):.3f}")

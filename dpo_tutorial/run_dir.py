@@ -57,11 +57,14 @@ def read_history(path: Path) -> list[dict]:
     return records
 
 
-def append_record(path: Path, record: dict) -> None:
-    """Append one JSON line to ``path`` and flush it (a crash loses nothing already logged)."""
+def append_record(path: Path, record: dict, sync: bool = False) -> None:
+    """Append one JSON line to ``path`` and flush it (a crash of the process loses nothing already logged);
+    ``sync``: also force it to disk (a power cut keeps it too; for records that stand for hours of work)."""
     with open(path, "a") as fh:
         fh.write(json.dumps(record) + "\n")
         fh.flush()
+        if sync:
+            os.fsync(fh.fileno())
 
 
 def truncate_history(path: Path, last_step: int) -> list[dict]:
