@@ -160,6 +160,13 @@ def test_evaluate_toy_reports_seen_and_unseen_captions(tmp_path, capsys, monkeyp
     assert printed["implicit_acc"] == pytest.approx(pooled / printed["implicit_pairs"])
     table = "\n".join(toy_evaluation_table(result))
     assert "seen captions," in table and "unseen captions" in table and f"{result.unseen.win_rate:.3f}" in table
+    from dpo_tutorial.data import load_pickapic
+    from dpo_tutorial.evaluate import load_with_lora
+    from dpo_tutorial.toy.evaluation import group_implicit_accuracy
+
+    pipe, parts = load_with_lora(str(PIPELINE_DIR), tmp_path)        # max_pairs: the first non-tie pairs of each group
+    capped = group_implicit_accuracy(parts, pipe.unet, load_pickapic(str(PAIRS_DIR), "test"), 1, max_pairs=3)
+    assert {name: count for name, (_, count) in capped.items()} == {"seen": 3, "unseen": 3}
     monkeypatch.setattr(cli, "evaluate_toy", lambda *a, **k: (result, samples))  # the table, without sampling again
     assert main(["evaluate", "--lora", str(tmp_path), "--per-caption", "2", "--num-draws", "1"]) == 0
     assert "a red circle, a green square, a blue triangle" in capsys.readouterr().out

@@ -83,9 +83,10 @@ def group_masks(captions: list[str]) -> dict[str, np.ndarray]:
     return {name: groups == name for name in GROUPS}
 
 
-def group_implicit_accuracy(parts, unet, pairs, num_draws: int = 8,
-                            progress: bool = False) -> dict[str, tuple[float, int]]:
-    """``{group: (implicit-reward accuracy, pairs scored)}`` on the pairs of each caption group.
+def group_implicit_accuracy(parts, unet, pairs, num_draws: int = 8, progress: bool = False,
+                            max_pairs: int | None = None) -> dict[str, tuple[float, int]]:
+    """``{group: (implicit-reward accuracy, pairs scored)}`` on the pairs of each caption group (the first
+    ``max_pairs`` non-tie pairs of each, when given).
 
     The accuracy over all pairs is the pair-weighted mean of the two. A group with no pair in ``pairs``
     gives ``(nan, 0)``.
@@ -97,7 +98,7 @@ def group_implicit_accuracy(parts, unet, pairs, num_draws: int = 8,
             continue
         subset = pairs.select(np.flatnonzero(mask))
         out[name] = implicit_reward_accuracy(parts, unet, subset, world.SIZE, num_draws=num_draws, return_count=True,
-                                             progress=progress)
+                                             progress=progress, max_pairs=max_pairs)
     return out
 
 
@@ -117,13 +118,14 @@ def check_toy_counts(per_caption: int, num_draws: int, names: tuple[str, str] = 
 
 def evaluate_toy(lora_dir: str | Path, per_caption: int = 40, pretrained: str | Path = PIPELINE_DIR,
                  pairs_dir: str | Path = PAIRS_DIR, num_draws: int = 8, base_samples: dict | None = None,
-                 progress: bool = False):
+                 progress: bool = False, max_pairs: int | None = None):
     """Base vs DPO on held-out prompts and implicit-reward accuracy on the held-out ``test`` pairs.
 
     Returns ``(ToyEvalResult, samples)``: the numbers over all captions with ``seen`` and ``unseen``
     per group, and the raw images and scores (see :func:`dpo_tutorial.evaluate.compare_samples`).
     ``base_samples``: the samples of an earlier call with the same ``per_caption`` (e.g. for a second
-    LoRA): base images reused. ``progress``: progress bars on stderr. Counts beyond :data:`MAX_PER_CAPTION`
+    LoRA): base images reused. ``max_pairs``: score only the first that many non-tie test pairs of each caption
+    group (all 593 when None). ``progress``: progress bars on stderr. Counts beyond :data:`MAX_PER_CAPTION`
     and :data:`MAX_NUM_DRAWS` are refused (:func:`check_toy_counts`), as is a LoRA holding NaN or infinity.
     """
     check_toy_counts(per_caption, num_draws, pairs_dir=pairs_dir)
@@ -131,7 +133,8 @@ def evaluate_toy(lora_dir: str | Path, per_caption: int = 40, pretrained: str | 
     pipe, parts = load_with_lora(str(pretrained), lora_dir)
     samples = compare_samples(pipe, captions, seeds, judge_score, judge_correct, SAMPLE_STEPS, GUIDANCE_SCALE,
                               base_samples=base_samples, progress=progress)
-    implicit = group_implicit_accuracy(parts, pipe.unet, load_pickapic(str(pairs_dir), "test"), num_draws, progress)
+    implicit = group_implicit_accuracy(parts, pipe.unet, load_pickapic(str(pairs_dir), "test"), num_draws, progress,
+                                       max_pairs)
     masks = group_masks(captions)
     groups = {name: summarise_samples(samples, masks[name], *implicit[name]) for name in GROUPS}
     scored = sum(count for _, count in implicit.values())
