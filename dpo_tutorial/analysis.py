@@ -99,7 +99,7 @@ def logit_variance_table(parts: DiffusionParts, unet, batch: dict, num_draws: in
     draws = {name: logit_draws(parts, unet, batch, num_draws, beta, seed=seed, **coupling)
              for name, coupling in COUPLINGS.items()}
     base = draws["everything shared"]
-    return {name: {"variance_ratio_median": float((d.var(dim=0) / base.var(dim=0)).median()),
+    return {name: {"variance_ratio_median": variance_ratio(d, base),
                    "variance_ratio_pooled": float((d - d.mean(0)).pow(2).mean() / (base - base.mean(0)).pow(2).mean()),
                    "mean_logit": float(d.mean()), "draws": d}
             for name, d in draws.items()}

@@ -219,18 +219,12 @@ def evaluate(pretrained: str, lora_dir: str | Path, captions: list[str], seeds: 
     pipe, parts = load_with_lora(pretrained, lora_dir, device)
     samples = compare_samples(pipe, captions, seeds, judge_score, judge_correct, steps, guidance_scale,
                               batch_size, base_samples)
-    rate, low, high = win_rate(samples["base_scores"], samples["dpo_scores"])
     implicit = float("nan")
     if test_data:
         pairs = load_pickapic(test_data, test_split, streaming=streaming)
         implicit = implicit_reward_accuracy(parts, pipe.unet, pairs, resolution, num_draws=num_draws,
                                             max_pairs=max_test_pairs)
-    result = EvalResult(base_accuracy=float(samples["base_correct"].mean()),
-                        dpo_accuracy=float(samples["dpo_correct"].mean()), win_rate=rate, win_rate_ci_low=low,
-                        win_rate_ci_high=high, implicit_acc=implicit, n=len(captions),
-                        base_mean_score=float(samples["base_scores"].mean()),
-                        dpo_mean_score=float(samples["dpo_scores"].mean()))
-    return result, samples
+    return summarise_samples(samples, None, implicit), samples
 
 
 def summarise_samples(samples: dict, keep=None, implicit_acc: float = float("nan"),
