@@ -3,7 +3,8 @@
 #   make test    install the test extras and run every test, notebooks included
 # and the notebook ones:
 #   make notebooks   install Jupyter and open the notebooks in JupyterLab (works straight after make train)
-#   make executed    run every notebook top to bottom in full mode and save it with its outputs (what is committed)
+#   make executed    run every notebook top to bottom in full mode, save it with its outputs (what is committed)
+#                    and write the times into the README
 #   make figures     regenerate figures/
 #
 # Which Python: PYTHON=... when given. Otherwise an active virtualenv's python3; else the project venv
@@ -81,4 +82,4 @@ notebooks: install-notebooks
 
 # the notebooks as committed: each executed in a fresh kernel, full mode, outputs saved (reuses runs/toy from make train)
 executed: install-dev
-	$(PYTHON) scripts/execute_notebooks.py
+	$(PYTHON) scripts/execute_notebooks.py --readme README.md

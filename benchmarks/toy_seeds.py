@@ -32,6 +32,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from dpo_tutorial.files import replace_block
+
 THRESHOLDS = {"win_rate": 0.65, "win_rate_ci_low": 0.55, "gain": 0.20, "implicit_acc": 0.70, "mean_win_rate": 0.70}
 
 
@@ -141,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{'yes' if ok else 'NO'}.")
     print(report)
     if args.write_readme:
-        write_block(Path(args.write_readme), report)
+        replace_block(args.write_readme, "toy-seeds", report)
     return 0 if ok else 1
 
 
@@ -157,16 +159,6 @@ def run_sweep(args) -> dict:
              "seconds": round(time.perf_counter() - t0)}
     (out / "seeds.json").write_text(json.dumps(sweep, indent=1))
     return sweep
-
-
-def write_block(path: Path, text: str, name: str = "toy-seeds") -> None:
-    """Replace what lies between ``<!-- name:start -->`` and ``<!-- name:end -->`` in ``path`` with ``text``."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    doc = path.read_text()
-    if start not in doc or end not in doc:
-        raise SystemExit(f"{path} has no {start} ... {end} block to replace")
-    head, rest = doc.split(start, 1)
-    path.write_text(f"{head}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
 
 
 if __name__ == "__main__":

@@ -39,12 +39,24 @@ Modules, one concept each (``docs/ARCHITECTURE.md`` draws them and follows a run
 - ``cli``: the ``dpo-tutorial`` command.
 - ``testing``: test support (tiny stand-in pipelines, the cross-device guard); nothing else imports it.
 """
-from . import notices  # noqa: F401  (first: drops the known third-party notices before any library logs one)
-from .config import ConfigError, TrainConfig, get_preset
-from .loss import DPOLossOutput, diffusion_dpo_loss
-from .noise import shared_noise, shared_timesteps
-from .run_dir import History
-from .train import train
+import gc as _gc
+
+# The imports below build about 500,000 objects (torch, diffusers, peft, datasets). The garbage collector would
+# scan them again and again while they are made, about 1 s of a 6 s import, and none of them is garbage: it
+# is paused meanwhile, then left as it was found.
+_collecting = _gc.isenabled()
+_gc.disable()
+try:
+    from . import notices  # noqa: F401  (first: drops the known third-party notices before any library logs one)
+    from .config import ConfigError, TrainConfig, get_preset
+    from .loss import DPOLossOutput, diffusion_dpo_loss
+    from .noise import shared_noise, shared_timesteps
+    from .run_dir import History
+    from .train import train
+finally:
+    if _collecting:
+        _gc.enable()
+    del _collecting
 
 __all__ = ["ConfigError", "DPOLossOutput", "History", "TrainConfig", "diffusion_dpo_loss", "get_preset",
            "shared_noise", "shared_timesteps", "train"]

@@ -75,6 +75,17 @@ def write_json(path: str | Path, value, indent: int | None = 1) -> Path:
     return write_text(path, json.dumps(value, indent=indent))
 
 
+def replace_block(path: str | Path, name: str, text: str) -> Path:
+    """Replace what lies between the lines ``<!-- name:start -->`` and ``<!-- name:end -->`` of the Markdown file
+    ``path`` with ``text``, atomically: how a script that measures a number writes it into the README."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    doc = Path(path).read_text(encoding="utf-8")
+    if doc.count(start) != 1 or doc.count(end) != 1 or doc.index(start) > doc.index(end):
+        raise ValueError(f"{path} has no single {start} ... {end} block to replace")
+    head, rest = doc.split(start, 1)
+    return write_text(path, f"{head}{start}\n{text.strip()}\n{end}{rest.split(end, 1)[1]}")
+
+
 def save_tensors(tensors: dict, path: str | Path) -> Path:
     """A safetensors file of ``tensors`` at ``path``, atomically (contiguous CPU copies are written)."""
     with atomic(path) as tmp:

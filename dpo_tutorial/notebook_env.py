@@ -13,6 +13,7 @@ mounted Google Drive folder, so that a recycled Colab VM resumes where it stoppe
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 from pathlib import Path
@@ -163,7 +164,13 @@ def notebook_config(**fields):
 
 def notebook_setup():
     """``(PRESET, DEVICE, DTYPE)``, the three names every notebook starts with (:func:`notebook_preset`,
-    :func:`notebook_device`, :func:`notebook_dtype`), printed with the mode the counts follow."""
+    :func:`notebook_device`, :func:`notebook_dtype`), printed with the mode the counts follow.
+
+    It also freezes the garbage collector's view of everything imported so far (``gc.freeze``): those objects
+    live as long as the kernel, and without it Python's final collection over them makes every kernel take
+    about 2 s to shut down.
+    """
+    gc.freeze()
     preset, device = notebook_preset(), notebook_device()
     mode = "fast (small counts, for tests)" if fast_mode() else "full"
     print(f"preset: {preset} | device: {device} | mode: {mode}")

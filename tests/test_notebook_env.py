@@ -1,11 +1,15 @@
 """The notebooks' device, dtype and runs folder."""
+import gc
+import importlib
+
 import pytest
 import torch
 
-from dpo_tutorial.testing.device_guard import GuardDevice
+import dpo_tutorial
 from dpo_tutorial.evaluate import eval_batch_pairs
-from dpo_tutorial.notebook_env import (checkout_root, notebook_config, notebook_device, notebook_dtype, runs_folder,
-                                      shared_toy_config, toy_run_dir)
+from dpo_tutorial.notebook_env import (checkout_root, notebook_config, notebook_device, notebook_dtype, notebook_setup,
+                                      runs_folder, shared_toy_config, toy_run_dir)
+from dpo_tutorial.testing.device_guard import GuardDevice
 
 
 def test_device_is_cpu_here_and_dtype_halves_only_on_a_gpu():
@@ -82,3 +86,23 @@ def test_eval_batch_fits_a_t4_at_512_px_and_keeps_the_toy_at_64():
     assert eval_batch_pairs(32) == 64 and eval_batch_pairs(512) == 8 and eval_batch_pairs(1024) == 2
     with pytest.raises(ValueError, match="resolution=0"):
         eval_batch_pairs(0)
+
+
+def test_notebook_setup_freezes_what_was_imported_and_importing_leaves_the_collector_as_found(capsys):
+    """A kernel that imported the package spends ~2 s in Python's final collection unless the setup freezes those
+    objects; the package's own import pauses the collector and must hand it back in the state it found it."""
+    gc.unfreeze()
+    try:
+        assert gc.get_freeze_count() == 0
+        preset, _, _ = notebook_setup()
+        assert gc.get_freeze_count() > 100_000, "the imported modules' objects are frozen"
+        assert preset in capsys.readouterr().out
+    finally:
+        gc.unfreeze()
+    for collecting in (True, False):  # the package's __init__ run again, with the collector on, then off
+        gc.enable() if collecting else gc.disable()
+        try:
+            importlib.reload(dpo_tutorial)
+            assert gc.isenabled() == collecting, f"importing dpo_tutorial left the collector {gc.isenabled()}"
+        finally:
+            gc.enable()

@@ -63,6 +63,33 @@ def test_the_committed_notebook_ran_top_to_bottom_in_full_mode(path):
     assert "mode: full" in printed and "fast mode, small counts" not in printed
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_no_committed_output_is_a_progress_bar_stuck_at_its_first_frame(path):
+    """A tqdm bar in a kernel is a live widget; saved, it shows 0% for ever on GitHub. `make executed` drops the bars
+    and the widget state only they used (they were committed once, in six notebooks)."""
+    nb = json.loads(path.read_text())
+    views = [o["data"] for c in nb["cells"] for o in c.get("outputs", [])
+             if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert not [v["text/plain"] for v in views if "%|" in "".join(v.get("text/plain", ""))]
+    state = nb["metadata"].get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
+    shown = {v["application/vnd.jupyter.widget-view+json"]["model_id"] for v in views}
+    assert shown <= set(state) and len(state) <= 40 * len(shown), "widget state of models no output shows"
+
+
+def test_the_readme_gives_the_times_the_committed_notebooks_record():
+    """The README's notebook-times block is `make executed`'s own record of the run whose outputs are committed: the
+    same machine and date, and each notebook's seconds as its metadata holds them."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- notebook-times:start -->")[1].split("<!-- notebook-times:end -->")[0]
+    runs = {p.stem: json.loads(p.read_text())["metadata"]["dpo_tutorial_run"] for p in NOTEBOOKS}
+    header, _, row = [line.strip("| ").split(" | ") for line in block.splitlines() if line.startswith("|")]
+    order = [n for n in ORDER if n != "solutions"] + ["solutions"]
+    assert header == [n if n == "solutions" else n[:2] for n in order]
+    assert row == [f"{runs[n]['seconds']:.0f} s" for n in order]
+    assert f": {sum(r['seconds'] for r in runs.values()):.0f} s," in block
+    assert all(f"{r['machine']}, {r['date']}" in block for r in runs.values())
+
+
 def test_the_executed_notebooks_stay_small():
     assert sum(p.stat().st_size for p in NOTEBOOKS) <= 8 * 2**20
 

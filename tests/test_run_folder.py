@@ -287,3 +287,19 @@ def test_when_every_numbered_folder_holds_another_run_the_cli_says_so_in_one_lin
     monkeypatch.setattr(ckpt, "list_checkpoints", lambda folder: [Path(folder) / "checkpoint-1"])
     assert main(_argv(sd_dir, pairs_parquet, tmp_path / "run")) == 2
     assert "all hold runs with other settings" in _one_line(capsys)
+
+
+def test_replace_block_rewrites_only_what_lies_between_its_markers(tmp_path):
+    """How the measuring scripts write the README's numbers: the text around the block stays byte for byte; a file
+    without exactly one well-ordered block is refused, never half-written."""
+    doc = tmp_path / "README.md"
+    doc.write_text("intro\n<!-- t:start -->\nold\n<!-- t:end -->\noutro <!-- u:start -->\n")
+    files.replace_block(doc, "t", "new\nlines\n")
+    assert doc.read_text() == "intro\n<!-- t:start -->\nnew\nlines\n<!-- t:end -->\noutro <!-- u:start -->\n"
+    for broken in ("u", "v"):  # a start without an end; no block at all
+        with pytest.raises(ValueError, match=f"no single <!-- {broken}:start -->"):
+            files.replace_block(doc, broken, "x")
+    doc.write_text("<!-- t:end -->\n<!-- t:start -->\n")
+    with pytest.raises(ValueError, match="no single"):
+        files.replace_block(doc, "t", "x")
+    assert doc.read_text() == "<!-- t:end -->\n<!-- t:start -->\n"

@@ -113,3 +113,35 @@ def test_train_on_labels_never_empties_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(DataError, match="does not exist"):   # removed, then the missing labels are refused
         train_on_labels(tmp_path / "no-labels", interrupted)
     assert not (interrupted / ".lock").exists()
+
+
+@pytest.mark.slow
+def test_labels_curve_samples_the_base_model_once_and_gets_what_fresh_measurements_get(tmp_path, monkeypatch):
+    """The model without a LoRA is the same for every label count, so its images are sampled once and reused
+    (notebook 08 used to sample them again for each run); a reused base gives exactly the numbers of a fresh one."""
+    from dpo_tutorial.sample import load_pipeline
+    from dpo_tutorial.toy import PIPELINE_DIR, your_taste
+    from dpo_tutorial.toy.labelling import candidate_pairs
+
+    store = LabelStore(tmp_path / "labels", candidate_pairs(load_pipeline(PIPELINE_DIR), 4, seed=0))
+    label_with_script(store, "left", 0.0, 0)
+    calls = []
+    measure = your_taste.measure_shift
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("base"), measure(*args, **kwargs)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(your_taste, "measure_shift", spy)
+    rows = your_taste.labels_curve(store.folder, [2, 4], tmp_path / "curve", "left", per_caption=1, max_steps=2,
+                                   batch_size=2, lr_warmup_steps=1)
+    (base_given_first, first), (base_given_second, second) = calls
+    assert base_given_first is None and base_given_second is first
+    assert second.base_images is first.base_images and second.base_scores is first.base_scores  # not sampled again
+    fresh = measure(tmp_path / "curve" / "run-4", "left", per_caption=1)
+    np.testing.assert_array_equal(fresh.base_images, second.base_images)
+    np.testing.assert_array_equal(fresh.dpo_images, second.dpo_images)
+    assert (fresh.win_rate, fresh.judge_base, fresh.judge_dpo) == (second.win_rate, second.judge_base, second.judge_dpo)
+    assert rows[1]["win_rate"] == fresh.win_rate[0]
+    with pytest.raises(ValueError, match="expected the same"):
+        measure(tmp_path / "curve" / "run-4", "left", per_caption=2, base=first)

@@ -49,6 +49,7 @@ class TasteShift:
     win_rate: tuple[float, float, float]  # (rate, low, high): DPO scores higher than base on the same prompt
     judge_base: float  # fraction of base images the caption judge reads as their caption
     judge_dpo: float
+    base_correct: np.ndarray  # (N,) 1.0 where the caption judge reads the base image as its caption, else 0.0
 
     def summary(self) -> str:
         """One line: win-rate with its interval, the mean score before -> after, the judge's accuracy."""
@@ -58,17 +59,28 @@ class TasteShift:
 
 
 def measure_shift(lora_dir: str | Path, taste: Taste | str, per_caption: int = 20,
-                  pretrained: str | Path = PIPELINE_DIR) -> TasteShift:
+                  pretrained: str | Path = PIPELINE_DIR, base: TasteShift | None = None) -> TasteShift:
     """Sample the 12 captions ``per_caption`` times each with and without the LoRA in ``lora_dir`` (seeds from the
-    toy evaluation's held-out range) and score both sets (see :class:`TasteShift`)."""
+    toy evaluation's held-out range) and score both sets (see :class:`TasteShift`).
+
+    ``base``: an earlier shift of the same taste and ``per_caption`` from the same ``pretrained`` model (another LoRA
+    of it); its base images and scores are reused, since the model without a LoRA is the same, and only the LoRA's
+    images are sampled.
+    """
     taste = get_taste(taste) if isinstance(taste, str) else taste
     pipe, _parts = load_with_lora(str(pretrained), lora_dir)
     captions, seeds = heldout_prompts(per_caption)
+    reused = None
+    if base is not None:
+        if base.taste != taste.name or base.captions != captions:
+            raise ValueError(f"base is a '{base.taste}' shift of {len(base.captions)} prompts; this one is "
+                             f"'{taste.name}' with {len(captions)} (per_caption={per_caption}): expected the same")
+        reused = {"base_images": base.base_images, "base_scores": base.base_scores, "base_correct": base.base_correct}
     s = compare_samples(pipe, captions, seeds, lambda images, _captions: taste.score(images), judge_correct,
-                        SAMPLE_STEPS, GUIDANCE_SCALE)  # the caption judge plays judge_correct, as in evaluate_toy
+                        SAMPLE_STEPS, GUIDANCE_SCALE, base_samples=reused)  # judge_correct: as in evaluate_toy
     return TasteShift(taste.name, captions, s["base_images"], s["dpo_images"], s["base_scores"], s["dpo_scores"],
                       win_rate(s["base_scores"], s["dpo_scores"]), float(s["base_correct"].mean()),
-                      float(s["dpo_correct"].mean()))
+                      float(s["dpo_correct"].mean()), s["base_correct"])
 
 
 def train_on_labels(label_dir: str | Path, output_dir: str | Path, seed: int = 0, **overrides):
@@ -97,8 +109,11 @@ def subset_labels(label_dir: str | Path, n: int, out_dir: str | Path) -> Path:
 
 
 def labels_curve(label_dir: str | Path, counts: list[int], run_root: str | Path, taste: Taste | str, seed: int = 0,
-                 per_caption: int = 20, **overrides) -> list[dict]:
+                 per_caption: int = 20, base: TasteShift | None = None, **overrides) -> list[dict]:
     """For each ``n`` in ``counts``: train on the first ``n`` labels and measure the shift (:func:`measure_shift`).
+
+    The base model's images are sampled once, for the first count (or taken from ``base``, an earlier shift of the
+    same taste and ``per_caption``), and reused for the others.
 
     Returns one dict per count: ``labels``, ``win_rate``, ``low``, ``high``, ``mean_base``, ``mean_dpo``,
     ``judge_base``, ``judge_dpo`` and ``train_seconds``.
@@ -109,8 +124,8 @@ def labels_curve(label_dir: str | Path, counts: list[int], run_root: str | Path,
         start = time.perf_counter()
         _, config = train_on_labels(data, Path(run_root) / f"run-{n}", seed=seed, **overrides)
         seconds = time.perf_counter() - start
-        shift = measure_shift(config.output_dir, taste, per_caption=per_caption)
-        rate, low, high = shift.win_rate
+        shift = measure_shift(config.output_dir, taste, per_caption=per_caption, base=base)
+        base, (rate, low, high) = shift, shift.win_rate
         rows.append(dict(labels=n, win_rate=rate, low=low, high=high, mean_base=float(shift.base_scores.mean()),
                          mean_dpo=float(shift.dpo_scores.mean()), judge_base=shift.judge_base,
                          judge_dpo=shift.judge_dpo, train_seconds=seconds))
