@@ -1,6 +1,6 @@
-"""The GPU checks no session has run yet: each notebook's sd15 path on CUDA, with its peak GPU memory.
+"""Each notebook's sd15 path on a CUDA GPU, with its peak GPU memory.
 
-No download (the lent machines have no network): an SD 1.5-*shaped* pipeline with random weights (UNet
+No download (a GPU machine may have no network): an SD 1.5-*shaped* pipeline with random weights (UNet
 860M, VAE 84M, CLIP text 123M parameters, the published configs) and a Pick-a-Pic-format parquet of
 512-px JPEGs stand in for the hub. Each notebook runs with ``DPO_TUTORIAL_PRESET=sd15`` and ``FAST=1``
 (the preset's batch sizes, resolution, fp16 and checkpointing; fewer steps), then a last cell prints

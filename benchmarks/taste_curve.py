@@ -8,14 +8,16 @@ images under the taste's scorer (win-rate with its 95% interval) and the caption
     python benchmarks/taste_curve.py                       # left, seeds 0 1 2, 25/50/100/200 labels
     python benchmarks/taste_curve.py --taste bigger --seeds 0 --counts 200 --figure figures/taste_bigger.png
 
-Prints a markdown table (and its JSON to ``--out``); ``--figure`` writes the before/after figure of the
-first seed at the largest count, ``--curve`` the win-rate-against-labels figure.
+Prints a markdown table (and its JSON to ``--out``); ``--write-readme README.md`` also puts it in the README's
+``taste-curve`` block; ``--figure`` writes the before/after figure of the first seed at the largest count,
+``--curve`` the win-rate-against-labels figure.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import time
+from datetime import date
 from pathlib import Path
 
 
@@ -23,8 +25,10 @@ def main(argv: list[str] | None = None) -> None:
     """Run the sweep and print the labels-versus-effect table."""
 
     from dpo_tutorial.figures import fix_randomness
+    from dpo_tutorial.files import replace_block
     from dpo_tutorial.plots import labels_curve_figure, taste_shift_figure
     from dpo_tutorial.sample import load_pipeline
+    from dpo_tutorial.threads import cpu_model
     from dpo_tutorial.toy import PIPELINE_DIR
     from dpo_tutorial.toy.labelling import LabelStore, candidate_pairs, label_with_script
     from dpo_tutorial.toy.tastes import TASTES
@@ -40,6 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="/tmp/taste-curve")
     parser.add_argument("--figure", default=None, help="write the before/after figure here (first seed, most labels)")
     parser.add_argument("--curve", default=None, help="write the win-rate-against-labels figure here")
+    parser.add_argument("--write-readme", help="replace the taste-curve block of this Markdown file with the table")
     args = parser.parse_args(argv)
     fix_randomness(args.threads)  # seeds everything and pins torch to --threads threads
     out = Path(args.out)
@@ -55,15 +60,21 @@ def main(argv: list[str] | None = None) -> None:
         for r in results[seed]:
             print(f"  {r['labels']:4d} labels: win-rate {r['win_rate']:.3f} [{r['low']:.3f}, {r['high']:.3f}], "
                   f"train {r['train_seconds']:.0f} s", flush=True)
-    print(f"\n'{args.taste}' taste, scripted labeller with {args.noise:.0%} noise; "
-          f"{12 * args.per_caption} held-out prompts per model\n")
-    print("| labels | seed | win-rate [95% CI] | mean score base → DPO | caption judge base → DPO | training s |")
-    print("|---|---|---|---|---|---|")
+    lines = [f"'{args.taste}' taste, scripted labeller with {args.noise:.0%} noise; {12 * args.per_caption} "
+             f"held-out prompts per model; {cpu_model()}, {args.threads} threads, {date.today().isoformat()} "
+             "(`python benchmarks/taste_curve.py`)", "",
+             f"| labels | seed | win-rate [95% CI] | mean \"{args.taste}\" score base → DPO "
+             "| caption judge base → DPO | training s |", "|---|---|---|---|---|---|"]
     for n in sorted(args.counts):
         for seed in args.seeds:
             r = next(r for r in results[seed] if r["labels"] == n)
-            print(f"| {n} | {seed} | {r['win_rate']:.3f} [{r['low']:.3f}, {r['high']:.3f}] | {r['mean_base']:.3f} → "
-                  f"{r['mean_dpo']:.3f} | {r['judge_base']:.3f} → {r['judge_dpo']:.3f} | {r['train_seconds']:.0f} |")
+            lines.append(f"| {n} | {seed} | {r['win_rate']:.3f} [{r['low']:.3f}, {r['high']:.3f}] "
+                         f"| {r['mean_base']:.3f} → {r['mean_dpo']:.3f} | {r['judge_base']:.3f} → "
+                         f"{r['judge_dpo']:.3f} | {r['train_seconds']:.0f} |")
+    print("\n" + "\n".join(lines))
+    if args.write_readme:
+        replace_block(args.write_readme, "taste-curve", "\n".join(lines))
+        print(f"wrote the table into {args.write_readme}")
     (out / "results.json").write_text(json.dumps({str(k): v for k, v in results.items()}, indent=1))
     if args.figure:
         seed, n = args.seeds[0], max(args.counts)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -33,19 +32,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from dpo_tutorial.files import replace_block
+from dpo_tutorial.threads import cpu_model
 
 THRESHOLDS = {"win_rate": 0.65, "win_rate_ci_low": 0.55, "gain": 0.20, "implicit_acc": 0.70, "mean_win_rate": 0.70}
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else ``platform.processor()``."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def run_seed(seed: int, out: Path, train_args: list[str], threads: int) -> dict:
@@ -134,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         sweep = run_sweep(args)
     ok = all(passes(r) for r in sweep["rows"]) and statistics.mean(
         group(r, "seen")["win_rate"] for r in sweep["rows"]) >= THRESHOLDS["mean_win_rate"]
-    report = (f"{len(sweep['rows'])} seeds on {sweep['cpu']}, `dpo-tutorial train` flags: "
+    threads = (f", {sweep['threads']} CPU thread{'s' * (sweep['threads'] > 1)} per run (the rounding, and so the "
+               "numbers, differ a little from a run on another thread count)") if "threads" in sweep else ""
+    report = (f"{len(sweep['rows'])} seeds on {sweep['cpu']}{threads}, `dpo-tutorial train` flags: "
               f"{' '.join(sweep['train_args']) or 'none (the toy preset)'}\n\n{table(sweep['rows'])}\n\n"
               f"A seed passes with win-rate >= {THRESHOLDS['win_rate']} and CI low > {THRESHOLDS['win_rate_ci_low']}, "
               f"a judge-accuracy gain >= {THRESHOLDS['gain']:.2f} and implicit-reward accuracy >= "
@@ -155,8 +146,8 @@ def run_sweep(args) -> dict:
     t0 = time.perf_counter()
     with ThreadPoolExecutor(args.workers) as pool:
         rows = list(pool.map(lambda s: run_seed(s, out, args.train_args, threads), args.seeds))
-    sweep = {"cpu": cpu_model(), "cores": os.cpu_count(), "train_args": args.train_args, "rows": rows,
-             "seconds": round(time.perf_counter() - t0)}
+    sweep = {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": threads, "train_args": args.train_args,
+             "rows": rows, "seconds": round(time.perf_counter() - t0)}
     (out / "seeds.json").write_text(json.dumps(sweep, indent=1))
     return sweep
 

@@ -75,6 +75,16 @@ def write_json(path: str | Path, value, indent: int | None = 1) -> Path:
     return write_text(path, json.dumps(value, indent=indent))
 
 
+def shown_path(path: str | Path) -> str:
+    """``path`` as a reader finds it: relative to the working folder when it lies there or one folder up
+    (a notebook's ``../runs/toy``), else as given."""
+    try:
+        relative = os.path.relpath(Path(path).resolve(), Path.cwd().resolve())
+    except ValueError:  # another drive (Windows)
+        return str(path)
+    return relative if not relative.startswith(os.path.join("..", "..")) else str(path)
+
+
 def replace_block(path: str | Path, name: str, text: str) -> Path:
     """Replace what lies between the lines ``<!-- name:start -->`` and ``<!-- name:end -->`` of the Markdown file
     ``path`` with ``text``, atomically: how a script that measures a number writes it into the README."""

@@ -138,7 +138,7 @@ def toy_run_dir(name: str = "toy") -> str:
 
 
 def shared_toy_config():
-    """The one config of the notebooks' shared toy run (03, 04, 06, 07 and the solutions all build it here).
+    """The one config of the notebooks' shared toy run (04, 05, 06, 07 and the solutions all build it here).
 
     The toy preset (with ``DPO_TUTORIAL_OVERRIDES`` when the notebooks run the toy preset), in
     :func:`toy_run_dir`, without the closing sample grid: the settings of ``make train``'s run, which it

@@ -156,7 +156,8 @@ def training_figure(history):
     moving average over 1/20 of the run bold (one batch's value is mostly noise)."""
     steps = history["step"]
     window = max(1, len(steps) // 20) | 1
-    fig, ax = plt.subplots(1, 4, figsize=(14, 3.2))
+    fig, ax = plt.subplots(2, 2, figsize=(9, 5.6))  # 2 x 2: readable at the width GitHub shows a notebook
+    ax = ax.ravel()
     _raw_and_smoothed(ax[0], steps, history["loss"], "C0")
     ax[0].axhline(np.log(2), ls=":", color="grey")
     ax[0].set(title="loss (log 2 = no preference)")
@@ -170,8 +171,8 @@ def training_figure(history):
                               ("raw_ref_loss", "C7", "reference, all")):
         _raw_and_smoothed(ax[3], steps, history[key], color, label)
     ax[3].set(title="raw MSE")
-    ax[3].legend(fontsize=7)
-    for a in ax:
+    ax[3].legend(fontsize=8)
+    for a in ax[2:]:
         a.set_xlabel("step")
     fig.suptitle(f"faint: each step; bold: moving average over {window} steps", fontsize=9)
     fig.tight_layout()

@@ -9,6 +9,8 @@ scripts), which fixed threads give.
 from __future__ import annotations
 
 import os
+import platform
+from pathlib import Path
 
 import torch
 
@@ -25,3 +27,15 @@ def use_threads(threads: int, deterministic: bool = False) -> None:
     is already right, which switches MKL's load-dependent dynamic threading off (same rounding every run)."""
     if deterministic or torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``'s, e.g. ``'AMD EPYC'``), else ``platform.processor()``: what the
+    scripts that measure times and results print beside them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"

@@ -475,16 +475,6 @@ def train(config: TrainConfig) -> History:
     return run.history
 
 
-def shown_path(path: str | Path) -> str:
-    """``path`` as a reader finds it: relative to the working folder when it lies there or one folder up
-    (a notebook's ``../runs/toy``), else as given."""
-    try:
-        relative = os.path.relpath(Path(path).resolve(), Path.cwd().resolve())
-    except ValueError:  # another drive (Windows)
-        return str(path)
-    return relative if not relative.startswith(os.path.join("..", "..")) else str(path)
-
-
 def train_or_reuse(config: TrainConfig) -> tuple[History, TrainConfig]:
     """``(history, config)`` of ``config``'s run: trained now, or reused when a finished run of the same settings
     already sits in ``output_dir`` (or a numbered sibling, see :func:`dpo_tutorial.run_dir.plan_rerun`).
@@ -496,7 +486,8 @@ def train_or_reuse(config: TrainConfig) -> tuple[History, TrainConfig]:
     if plan.action != "finished":
         return train(plan.config), plan.config
     history = History.load(plan.config.output_dir)
-    print(f"reusing the finished run in {shown_path(plan.config.output_dir)} ({len(history)} steps, same settings)")
+    print(f"reusing the finished run in {files.shown_path(plan.config.output_dir)} ({len(history)} steps, "
+          "same settings)")
     return history, plan.config
 
 

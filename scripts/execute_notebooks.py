@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import nbformat
 from nbclient import NotebookClient
 
 from dpo_tutorial.files import atomic, replace_block
+from dpo_tutorial.threads import cpu_model
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
@@ -38,14 +38,8 @@ PROVENANCE = re.compile(r"^\*The outputs below come from .*\*$", re.M)
 
 
 def machine() -> str:
-    """``'AMD EPYC, 2 cores'``: the CPU's model name (from /proc/cpuinfo where there is one) and the core count."""
-    name = platform.processor() or platform.machine()
-    try:
-        found = re.search(r"^model name\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
-        name = found.group(1).strip() if found else name
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores"
+    """``'AMD EPYC, 2 cores'``: the CPU's model name and the core count."""
+    return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
 def versions() -> dict:
@@ -75,8 +69,9 @@ def is_progress_bar(output: dict) -> bool:
     """A tqdm bar shown as a live widget (``tqdm.auto`` in a kernel, which ignores ``TQDM_DISABLE``): saved, only
     its first frame remains, a bar stuck at 0%."""
     data = output.get("data", {})
+    text = "".join(data.get("text/plain", ""))  # "x:  0%|   | 0/30 [00:00<?, ?it/s]", "x: 0 examples [00:00, ? …"
     return ("application/vnd.jupyter.widget-view+json" in data
-            and re.search(r"\d+%\|", "".join(data.get("text/plain", ""))) is not None)
+            and re.search(r"\d+%\||\[\d\d:\d\d[<,]", text) is not None)
 
 
 def drop_progress_bars(nb) -> None:
@@ -88,8 +83,9 @@ def drop_progress_bars(nb) -> None:
     widgets = nb.metadata.get("widgets", {}).get("application/vnd.jupyter.widget-state+json")
     if not widgets:
         return
-    shown = [o["data"]["application/vnd.jupyter.widget-view+json"]["model_id"] for c in nb.cells
-             if c.cell_type == "code" for o in c.outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    view = "application/vnd.jupyter.widget-view+json"
+    shown = [o["data"][view]["model_id"] for c in nb.cells if c.cell_type == "code" for o in c.outputs
+             if view in o.get("data", {})]
     keep, todo = set(), list(shown)
     while todo:  # a model refers to the models it holds as "IPY_MODEL_<id>"
         model = todo.pop()

@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_gpu  # noqa: E402
 import bench_vs_diffusers as bvd  # noqa: E402
 import step_roofline  # noqa: E402
+import toy_seeds  # noqa: E402
 
 
 def test_step_seconds_are_differences_of_consecutive_step_ends_after_the_warm_up():
@@ -168,3 +169,21 @@ def test_train_check_trains_the_fp16_lora_case_on_the_tiny_work_in_its_own_proce
     assert len(row["losses"]) == 2 and row["losses_finite"]
     assert row["settings"]["mixed_precision"] == "fp16" and not row["settings"]["full_finetune"]
     assert not (tmp_path / "fp16-lora").exists()  # the run folder is removed unless --keep-runs
+
+
+def test_toy_seeds_writes_its_table_into_the_readme_from_a_finished_sweep(tmp_path, capsys):
+    """The README's seed table is the script's own output (``--from-json`` re-reads a sweep, trains nothing), and
+    its header says how many threads each run had: seed 0 there differs a little from `make train`'s run."""
+    row = {"seed": 0, "train_seconds": 1.0}
+    for name, win in (("seen", 0.74), ("unseen", 0.65)):
+        row[name] = {"base_accuracy": 0.48, "dpo_accuracy": 0.92, "win_rate": win, "win_rate_ci_low": win - 0.05,
+                     "win_rate_ci_high": win + 0.05, "implicit_acc": 0.74, "n": 360, "implicit_pairs": 443}
+    sweep = tmp_path / "seeds.json"
+    sweep.write_text(json.dumps({"cpu": "Some CPU", "cores": 2, "threads": 1, "train_args": [], "rows": [row]}))
+    readme = tmp_path / "README.md"
+    readme.write_text("top\n<!-- toy-seeds:start -->\nold\n<!-- toy-seeds:end -->\nbottom\n")
+    assert toy_seeds.main(["--from-json", str(sweep), "--write-readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("top\n<!-- toy-seeds:start -->\n1 seeds on Some CPU, 1 CPU thread per run (")
+    assert "| 0 | 0.740 [0.690, 0.790] |" in text and text.endswith("<!-- toy-seeds:end -->\nbottom\n")
+    assert "old" not in text and "1 seeds on Some CPU, 1 CPU thread per run" in capsys.readouterr().out

@@ -34,6 +34,7 @@ def test_training_figure_draws_a_moving_average_over_each_raw_curve():
     raw, smooth = (np.asarray(line.get_ydata()) for line in loss_lines)
     assert smooth.std() < raw.std() / 2
     assert len([line for line in fig.axes[3].lines if len(line.get_xdata()) == 200]) == 6
+    assert fig.get_size_inches()[0] <= 10, "four panels in a row were 14 in wide: unreadable at GitHub's width"
 
 
 def test_shared_noise_histogram_is_not_squeezed_by_the_independent_tails():

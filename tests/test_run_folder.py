@@ -303,3 +303,14 @@ def test_replace_block_rewrites_only_what_lies_between_its_markers(tmp_path):
     with pytest.raises(ValueError, match="no single"):
         files.replace_block(doc, "t", "x")
     assert doc.read_text() == "<!-- t:end -->\n<!-- t:start -->\n"
+
+
+def test_shown_path_is_what_a_reader_finds_from_where_they_are(tmp_path, monkeypatch):
+    """A notebook prints ``../runs/toy``, never the machine's absolute path (it once did, and in 08's saved widget
+    state after that); a path two folders up or more is left as given."""
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")
+    assert files.shown_path(tmp_path / "runs" / "toy") == os.path.join("..", "runs", "toy")
+    assert files.shown_path(tmp_path / "notebooks" / "x.parquet") == "x.parquet"
+    far = tmp_path.parent / "elsewhere"
+    assert files.shown_path(far) == str(far)

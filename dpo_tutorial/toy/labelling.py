@@ -287,7 +287,7 @@ class LabellingWidget:
     def refresh(self) -> None:
         """Show the current pair (or a closing message) and the progress."""
         s = self.store
-        self.status.value = f"{s.progress()}; saved to {s.folder / 'train.parquet'}"
+        self.status.value = f"{s.progress()}; saved to {files.shown_path(s.folder / 'train.parquet')}"
         if s.done:
             self.caption.value = "<i>all pairs shown: train on your labels below</i>"
             for b in self.buttons:
