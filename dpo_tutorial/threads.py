@@ -1,4 +1,5 @@
-"""How many CPU threads torch uses: one place for the rule and for setting it.
+"""How many CPU threads torch uses: one place for the rule and for setting it (and for the CPU's name, which the
+scripts that measure a time or a result print beside it).
 
 Several torch processes each using every core made a CPU step 10-50x slower in our measurements, so each
 of ``world_size`` processes gets its share. ``torch.set_num_threads`` also turns MKL's dynamic threading

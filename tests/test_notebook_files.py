@@ -2,8 +2,10 @@
 five-line set-up cell, the scaffolding a learner relies on, exercises they write themselves, links that build in
 order, and the repository named where pyproject names it."""
 import json
+import sys
 from pathlib import Path
 
+import nbformat
 import pytest
 
 try:
@@ -12,6 +14,9 @@ except ModuleNotFoundError:  # Python 3.10: the dev extra installs tomli
     import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+from execute_notebooks import drop_progress_bars  # noqa: E402  (a script, not a module of the package)
+
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 NUMBERED = [p for p in NOTEBOOKS if p.stem[:2].isdigit()]
 ORDER = ["00_derivation", "01_pickapic_layout", "02_loss_and_beta", "03_one_training_step", "04_train_lora",
@@ -74,6 +79,29 @@ def test_no_committed_output_is_a_progress_bar_stuck_at_its_first_frame(path):
     state = nb["metadata"].get("widgets", {}).get("application/vnd.jupyter.widget-state+json", {}).get("state", {})
     shown = {v["application/vnd.jupyter.widget-view+json"]["model_id"] for v in views}
     assert shown <= set(state) and len(state) <= 40 * len(shown), "widget state of models no output shows"
+
+
+def test_make_executed_drops_progress_bars_and_only_the_widget_state_they_used():
+    """Both kinds of bar a kernel shows (tqdm's with a percentage, `datasets`' counter without one) go, with the
+    models they used; a widget a learner works with (08's labelling box) stays, with the models it holds."""
+    def view(model, text):
+        return nbformat.v4.new_output("display_data", data={
+            "application/vnd.jupyter.widget-view+json": {"model_id": model, "version_major": 2, "version_minor": 0},
+            "text/plain": text})
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("x", outputs=[
+        view("a1", "Diffusion-DPO:   0%|          | 0/30 [00:00<?, ?it/s]"),
+        view("b1", "Generating train split: 0 examples [00:00, ? examples/s]"),
+        view("c1", "VBox(children=(HTML(value='<b>click the image</b>'),))"),
+        nbformat.v4.new_output("stream", name="stdout", text="✓ 0%| in a printed line stays\n")])]
+    state = {"a1": {"state": {"layout": "IPY_MODEL_a2"}}, "a2": {}, "b1": {}, "c1": {"state": {"children": [
+        "IPY_MODEL_c2"]}}, "c2": {"state": {"layout": "IPY_MODEL_c3"}}, "c3": {}}
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": state, "version_major": 2}}
+    drop_progress_bars(nb)
+    kept = nb.cells[0].outputs
+    assert [o.get("data", {}).get("text/plain", o.get("text")) for o in kept][0].startswith("VBox") and len(kept) == 2
+    assert set(nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]) == {"c1", "c2", "c3"}
 
 
 def test_the_readme_gives_the_times_the_committed_notebooks_record():
