@@ -105,6 +105,7 @@ def logit_variance_table(parts: DiffusionParts, unet, batch: dict, num_draws: in
             for name, d in draws.items()}
 
 
+@torch.no_grad()
 def mse_by_timestep(parts: DiffusionParts, unet, batch: dict, timesteps: list[int], num_draws: int = 4,
                     seed: int = 0) -> list[float]:
     """Mean per-element MSE of ``unet``'s prediction over the batch's images, at each fixed ``t``.

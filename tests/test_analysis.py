@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from dpo_tutorial import analysis
 from dpo_tutorial.analysis import (GaussianChain, gaussian_log_density, logit_variance_table, per_pair_errors,
                                    policy_reference_draws, variance_ratio)
 from dpo_tutorial.data import PairStream, PairTransform, load_pickapic
@@ -29,6 +30,30 @@ def moved_lora(sd_dir):
 @pytest.fixture(scope="module")
 def batch(pairs_parquet):
     return next(iter(PairStream(load_pickapic(str(pairs_parquet)), PairTransform(32, random_flip=False), 5, seed=0)))
+
+
+@pytest.mark.parametrize("measure", [
+    lambda parts, batch: analysis.model_diff_draws(parts, parts.unet, batch, 2),
+    lambda parts, batch: analysis.logit_draws(parts, parts.unet, batch, 2, 100.0),
+    lambda parts, batch: analysis.mse_by_timestep(parts, parts.unet, batch, [10, 900], num_draws=1),
+    lambda parts, batch: analysis.per_pair_errors(parts, parts.unet, batch, timestep=500),
+    lambda parts, batch: analysis.pair_errors(parts, parts.unet, batch, num_draws=2),
+    lambda parts, batch: analysis.policy_reference_draws(parts, parts.unet, batch, 2),
+], ids=["model_diff_draws", "logit_draws", "mse_by_timestep", "per_pair_errors", "pair_errors",
+        "policy_reference_draws"])
+def test_every_measurement_runs_the_unet_without_building_a_graph(moved_lora, batch, monkeypatch, measure):
+    """A measurement only reads the model: no UNet pass may record autograd history for the LoRA's trainable
+    weights (mse_by_timestep once lost its ``no_grad`` when a neighbouring function was removed)."""
+    seen = []
+    real = analysis.noisy_prediction
+
+    def spy(*args, **kwargs):
+        seen.append(torch.is_grad_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(analysis, "noisy_prediction", spy)
+    measure(moved_lora, batch)
+    assert seen and not any(seen)
 
 
 def test_variance_ratio_is_the_median_of_per_pair_variance_ratios():
