@@ -1,5 +1,5 @@
 """pytest over tests/ and notebooks/ (`make test`): with pytest-xdist's `--dist loadgroup`, the notebooks all run on one
-worker, one after another in their numbered order, while the other worker takes the tests. Notebooks 03-07 and the
+worker, one after another in their numbered order, while the other worker takes the tests. Notebooks 04-07 and the
 solutions share the toy run the first of them trains (runs/fast/toy in fast mode); two kernels training it at once
 would meet its lock."""
 

@@ -167,6 +167,15 @@ def listing(folder: Path, limit: int = 4) -> str:
     return f"{shown}, ... ({len(names)} entries)" if len(names) > limit else shown
 
 
+def marker_kind(folder: str | Path) -> str | None:
+    """The kind (``run``, ``cache``, ``figures``) the package marked ``folder`` with, or None when it holds no marker
+    file (a link of that name counts as none: a user's folder could point it anywhere)."""
+    marker = Path(folder) / MARKER
+    if marker.is_file() and not marker.is_symlink():
+        return marker.read_text(errors="replace").strip()
+    return None
+
+
 def claim_folder(path: str | Path, kind: str, legacy=None) -> Path:
     """Make ``path`` (created when missing) an output folder of ``kind`` (``run``, ``cache``, ``figures``), or refuse.
 
@@ -184,9 +193,8 @@ def claim_folder(path: str | Path, kind: str, legacy=None) -> Path:
     except OSError as err:
         raise FolderError(f"output folder {str(path)!r} is not writable ({type(err).__name__}: "
                           f"{err.strerror or err}): expected a folder this user can write to") from err
-    marker = folder / MARKER
-    if marker.is_file() and not marker.is_symlink():
-        found = marker.read_text(errors="replace").strip()
+    found = marker_kind(folder)
+    if found is not None:
         if found == kind:
             return folder
         raise FolderError(f"output folder {str(path)!r} holds a dpo-tutorial {found or 'unknown'} output, not a {kind}: "
@@ -196,7 +204,7 @@ def claim_folder(path: str | Path, kind: str, legacy=None) -> Path:
         raise FolderError(f"output folder {str(path)!r} holds files dpo-tutorial did not write ({listing(folder)}): "
                           f"choose a new or empty folder, so that nothing of yours is overwritten")
     try:
-        write_text(marker, kind + "\n")
+        write_text(folder / MARKER, kind + "\n")
     except OSError as err:
         raise FolderError(f"output folder {str(path)!r} is not writable ({type(err).__name__}: "
                           f"{err.strerror or err}): expected a folder this user can write to") from err

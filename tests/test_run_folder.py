@@ -314,3 +314,20 @@ def test_shown_path_is_what_a_reader_finds_from_where_they_are(tmp_path, monkeyp
     assert files.shown_path(tmp_path / "notebooks" / "x.parquet") == "x.parquet"
     far = tmp_path.parent / "elsewhere"
     assert files.shown_path(far) == str(far)
+
+
+def test_train_on_labels_reads_the_run_marker_as_claim_folder_does(tmp_path):
+    """One rule for "this folder is the package's run": a marker that is a link (a user's folder could point it at
+    a file saying "run") is no marker, so a folder holding one and a photo is refused, not emptied."""
+    from dpo_tutorial.toy.your_taste import train_on_labels
+
+    decoy = tmp_path / "says-run.txt"
+    decoy.write_text("run\n")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "holiday.jpg").write_bytes(b"x")
+    (folder / files.MARKER).symlink_to(decoy)
+    assert files.marker_kind(folder) is None
+    with pytest.raises(FileExistsError, match="holds no dpo-tutorial run"):
+        train_on_labels(tmp_path / "labels", folder)
+    assert (folder / "holiday.jpg").exists()

@@ -92,8 +92,7 @@ def train_on_labels(label_dir: str | Path, output_dir: str | Path, seed: int = 0
     """
     out = Path(output_dir)
     if out.exists() and any(out.iterdir()):
-        marker = out / files.MARKER
-        if not (marker.is_file() and marker.read_text(errors="replace").strip() == "run"):
+        if files.marker_kind(out) != "run":
             raise FileExistsError(f"{out} is not empty and holds no dpo-tutorial run: choose another folder")
         files.remove_folder(out)
     config = taste_config(label_dir, out, seed=seed, **overrides)
