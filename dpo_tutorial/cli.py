@@ -154,21 +154,31 @@ def build_parser(preset: str = "toy") -> argparse.ArgumentParser:
     return parser
 
 
+def is_first_process() -> bool:
+    """Whether this is process 0 of a run launched by ``torchrun`` / ``accelerate launch`` (or a plain run): the
+    one that speaks for the run (the others hold no history or artefacts to report)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def run_train(args: argparse.Namespace) -> int:
-    """``dpo-tutorial train``: print where the artefacts went and the last metrics."""
+    """``dpo-tutorial train``: print where the artefacts went and the last metrics (process 0 only)."""
     plan = plan_rerun(config_from_args(args))
-    if plan.message:
+    speaks = is_first_process()
+    if plan.message and speaks:
         print(plan.message.rstrip("\n"))
     config = plan.config
     if plan.action == "finished":
-        report_finished(config)
+        if speaks:
+            report_finished(config)
     else:
         history = train(config)
+        if not speaks:
+            return 0
         print(f"done: {len(history)} steps")
         for line in format_summary(history.summary):
             print(line)
         print(f"artefacts in {config.output_dir}" + (f"; LoRA: {history.lora_path}" if history.lora_path else ""))
-    if getattr(args, "evaluate", False):
+    if getattr(args, "evaluate", False) and speaks:
         evaluate_after_training(config)
     return 0
 
@@ -320,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dpo-tutorial {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except FloatingPointError as err:
-        if int(os.environ.get("RANK", "0")) == 0:
+        if is_first_process():
             print(f"dpo-tutorial {args.command}: stopped: {one_line(err)}", file=sys.stderr)
         return 1
 

@@ -18,6 +18,7 @@ is in it, never written into or pruned.
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ from safetensors.torch import save_file
 from .errors import FolderError
 
 MARKER = ".dpo-tutorial"  # written first into every output folder the package makes; holds its kind
+LOCK_FILE = ".lock"  # held by the process writing a folder (run_dir.lock_output_dir)
 
 
 def temporary_name(path: Path) -> Path:
@@ -150,13 +152,21 @@ def remove_folder(path: str | Path) -> None:
     remove(trash)
 
 
+PARTIAL_PATTERNS = (".tmp-*", ".*.tmp", ".trash-*")  # half-written and half-deleted entries (atomic, remove)
+
+
+def is_partial(path: Path) -> bool:
+    """Whether ``path`` is an entry a killed write or removal left behind (see :func:`clean_partial`)."""
+    return any(fnmatch.fnmatchcase(path.name, pattern) for pattern in PARTIAL_PATTERNS)
+
+
 def clean_partial(folder: str | Path) -> None:
     """Remove the half-written (``.tmp-*``, ``.*.tmp``) and half-deleted (``.trash-*``) entries a killed run left in
     ``folder``."""
     root = Path(folder)
     if root.is_dir():
-        for pattern in (".tmp-*", ".*.tmp", ".trash-*"):
-            for p in root.glob(pattern):
+        for p in list(root.iterdir()):
+            if is_partial(p):
                 remove(p)
 
 
@@ -199,7 +209,7 @@ def claim_folder(path: str | Path, kind: str, legacy=None) -> Path:
             return folder
         raise FolderError(f"output folder {str(path)!r} holds a dpo-tutorial {found or 'unknown'} output, not a {kind}: "
                           f"choose another folder")
-    others = [p for p in entries if p.name not in (".lock",)]
+    others = [p for p in entries if p.name != LOCK_FILE]
     if others and not (legacy and legacy(folder)):
         raise FolderError(f"output folder {str(path)!r} holds files dpo-tutorial did not write ({listing(folder)}): "
                           f"choose a new or empty folder, so that nothing of yours is overwritten")

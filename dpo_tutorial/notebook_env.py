@@ -185,17 +185,17 @@ def pickscore_source() -> dict:
                                                                   "processor": PICKSCORE_PROCESSOR}
 
 
-def claim(holds: bool, statement: str, in_fast_mode: bool = False) -> None:
+def claim(holds: bool, statement: str, full_size: bool = False) -> None:
     """Check a claim the notebook's text makes, where it makes it: print ``✓ statement`` when ``holds``.
 
-    A claim about the full-size run (a win-rate, a trained model's numbers) cannot hold for fast mode's short runs
-    and small counts: there a failed claim prints that it was not checked. ``in_fast_mode=True`` marks a claim that
-    holds at any size (an identity, a shape); it is checked in both modes. A claim that fails where it is checked
-    raises ``AssertionError`` naming it.
+    A claim that fails raises ``AssertionError`` naming it. ``full_size=True`` marks a claim about the numbers of a
+    full-size run (a win-rate, what a trained model does): fast mode's short runs and small counts cannot show it,
+    so there a failed one prints that it was not checked. Every other claim (an identity, a shape, a formula
+    against the package) is checked in both modes.
     """
     if holds:
         print(f"✓ {statement}")
-    elif fast_mode() and not in_fast_mode:
+    elif fast_mode() and full_size:
         print(f"(fast mode, small counts: not checked) {statement}")
     else:
         raise AssertionError(f"the notebook claims: {statement}; this run does not show it")

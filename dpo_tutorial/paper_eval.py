@@ -47,10 +47,10 @@ from tqdm.auto import tqdm
 from .config import ConfigError
 from .data import DataError, load_pickapic
 from .evaluate import check_count, check_lora_fits, implicit_reward_accuracy, win_rate
-from .files import atomic, clean_partial, write_json
+from .files import LOCK_FILE, atomic, clean_partial, is_partial, write_json
 from .models import DiffusionParts, ModelError, reference_mode
 from .pickscore import PickScore
-from .run_dir import LORA_FILE, append_record
+from .run_dir import LORA_FILE, append_record, lock_output_dir, release_output_dir
 from .sample import generate, load_text2image_pipeline, load_unet
 
 SETTINGS_FILE, PROMPTS_FILE, IMPLICIT_FILE = "settings.json", "prompts.jsonl", "implicit.jsonl"
@@ -142,37 +142,48 @@ def normalised(settings: PaperEvalSettings) -> PaperEvalSettings:
 # --- the output folder --------------------------------------------------------------------------------
 
 def prepare_out_dir(out_dir: str | Path, settings: PaperEvalSettings) -> Path:
-    """Create ``out_dir`` (or accept one holding this very evaluation) and write ``settings.json``.
+    """Create ``out_dir`` (or accept one holding this very evaluation), take its lock and write ``settings.json``.
 
     Refused with ``ConfigError``: a folder holding an evaluation with other settings (the message names
-    them) or files this command did not write.
+    them), files this command did not write, or an evaluation still running there (the lock is released by
+    :func:`run_paper_eval`, or when the process ends).
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: expected a folder for the evaluation's images and report")
     saved = out / SETTINGS_FILE
-    clean_partial(out)  # a file a killed evaluation was writing
-    if saved.is_file():
-        try:
-            before = json.loads(saved.read_text())
-        except ValueError as err:
-            raise ConfigError(f"{saved} is not valid JSON ({err}): delete {out} to start over") from err
-        if not isinstance(before, dict):
-            raise ConfigError(f"{saved} holds no settings object: delete {out} to start over")
-        now = settings.to_dict()
-        changed = [f"{k} {before.get(k)!r} -> {now[k]!r}" for k in now if before.get(k) != now[k]]
-        if changed:
-            raise ConfigError(f"{out} holds an evaluation with other settings ({'; '.join(changed)[:300]}): pass "
-                              "another --out, or the same settings to continue it")
-        return out
-    foreign = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if foreign:
+    entries = list(out.iterdir()) if out.is_dir() else []
+    foreign = sorted(p.name for p in entries if p.name != LOCK_FILE and not is_partial(p))  # not a lock or leftover
+    if foreign and not saved.is_file():
         raise ConfigError(f"{out} holds files this command did not write ({', '.join(foreign[:3])}): pass an empty "
                           "or new folder as --out")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(saved, settings.to_dict())
+    lock_output_dir(out, flag="--out")  # before anything is cleaned or written: one evaluation per folder
+    try:
+        clean_partial(out)  # a file a killed evaluation was writing
+        if saved.is_file():
+            check_same_settings(saved, settings)
+        else:
+            write_json(saved, settings.to_dict())
+    except BaseException:
+        release_output_dir(out)
+        raise
     return out
 
+
+def check_same_settings(saved: Path, settings: PaperEvalSettings) -> None:
+    """Raise ``ConfigError`` unless ``saved`` (a folder's ``settings.json``) holds exactly ``settings``."""
+    out = saved.parent
+    try:
+        before = json.loads(saved.read_text())
+    except ValueError as err:
+        raise ConfigError(f"{saved} is not valid JSON ({err}): delete {out} to start over") from err
+    if not isinstance(before, dict):
+        raise ConfigError(f"{saved} holds no settings object: delete {out} to start over")
+    now = settings.to_dict()
+    changed = [f"{k} {before.get(k)!r} -> {now[k]!r}" for k in now if before.get(k) != now[k]]
+    if changed:
+        raise ConfigError(f"{out} holds an evaluation with other settings ({'; '.join(changed)[:300]}): pass "
+                          "another --out, or the same settings to continue it")
 
 
 def read_log(path: Path, keys: tuple[str, ...] = ()) -> list[dict]:
@@ -491,10 +502,19 @@ def run_paper_eval(settings: PaperEvalSettings, out_dir: str | Path, device: str
     check_count("--sample-batch", sample_batch, MAX_SAMPLE_BATCH, f"sample {2 * sample_batch} images at once")
     settings = normalised(settings)
     out = prepare_out_dir(out_dir, settings)
+    try:
+        return evaluate_in(out, settings, device, sample_batch, progress, judge)
+    finally:
+        release_output_dir(out)
+
+
+def evaluate_in(out: Path, settings: PaperEvalSettings, device, sample_batch: int, progress: bool, judge) -> dict:
+    """The body of :func:`run_paper_eval`, in the prepared and locked folder ``out``."""
     captions = (load_captions(settings.captions, settings.captions_split, settings.num_prompts, settings.streaming)
                 if settings.captions else None)
     models = load_models(settings, device)
     device = models.pipe.device
+
     def judge_factory():
         return judge if judge is not None else PickScore(settings.pickscore_model, settings.pickscore_processor,
                                                          device=device)

@@ -126,7 +126,7 @@ class History:
 # ------------------------------------------------------------------------------------ the folder itself
 def _older_run_folder(folder: Path) -> bool:
     """A run folder written before folders were marked: it holds the lock file and a checkpoint."""
-    return (folder / ".lock").is_file() and bool(ckpt.list_checkpoints(folder))
+    return (folder / files.LOCK_FILE).is_file() and bool(ckpt.list_checkpoints(folder))
 
 
 def claim_run_folder(config: TrainConfig) -> Path:
@@ -143,8 +143,8 @@ def claim_run_folder(config: TrainConfig) -> Path:
 _LOCKS: dict[str, object] = {}  # output folder -> the open lock file this process holds
 
 
-def lock_output_dir(output_dir: str | Path) -> None:
-    """Hold an exclusive lock on ``output_dir/.lock``: one writer per folder.
+def lock_output_dir(output_dir: str | Path, flag: str = "--output-dir") -> None:
+    """Hold an exclusive lock on ``output_dir/.lock``: one writer per folder (``flag``: the option that named it).
 
     A second run into the folder fails at once with :class:`ConfigError`; the lock goes when this
     process ends or calls :func:`release_output_dir`. Taking it again in the same process is a no-op.
@@ -155,7 +155,7 @@ def lock_output_dir(output_dir: str | Path) -> None:
         return
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fh = open(out / ".lock", "a+")
+        fh = open(out / files.LOCK_FILE, "a+")
     except OSError as err:
         raise ConfigError(f"output dir {str(output_dir)!r} is not writable ({type(err).__name__}: "
                           f"{err.strerror or err}): expected a folder this user can write to") from err
@@ -166,7 +166,7 @@ def lock_output_dir(output_dir: str | Path) -> None:
         holder = fh.read().strip() or "unknown"
         fh.close()
         raise ConfigError(f"output dir {str(output_dir)!r} is in use by another run (pid {holder}): wait for it "
-                          "to finish or choose another --output-dir") from err
+                          f"to finish or choose another {flag}") from err
     fh.seek(0)
     fh.truncate()
     fh.write(str(os.getpid()))

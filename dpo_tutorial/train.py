@@ -21,6 +21,7 @@ of Wallace et al. (arXiv 2311.12908) Eq. 14, backward; after ``grad_accum`` micr
 """
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 import time
@@ -372,6 +373,11 @@ def _save(run: TrainingRun, step: int, prune: bool = True) -> None:
                          limit=run.config.checkpoints_total_limit if prune else None, scaler=acc.scaler)
 
 
+class NonFiniteStop(FloatingPointError):
+    """Raised by every process at the same step (the decision is taken together): ``max_nonfinite_steps`` optimizer
+    steps in a row had a non-finite loss or gradient."""
+
+
 def run_loop(run: TrainingRun) -> None:
     """Optimizer steps ``start_step + 1 .. max_steps``: update, log, checkpoint, stop on repeated non-finite ones."""
     config, batches = run.config, run.batches
@@ -388,7 +394,7 @@ def run_loop(run: TrainingRun) -> None:
                 config.checkpoint_every and (step + 1) % config.checkpoint_every == 0):
             _save(run, step + 1, prune=bad_in_a_row == 0)  # keep the checkpoints from before a blow-up
         if stop:
-            raise FloatingPointError(
+            raise NonFiniteStop(
                 f"{bad_in_a_row} optimizer steps in a row had a non-finite loss or gradient (last at step "
                 f"{step + 1}); the learning rate ({run.optimizer.param_groups[0]['lr']:g} in use) or beta "
                 f"({config.beta}) is probably too large, or fp16 overflowed (try bf16). Checkpoint saved in {run.out}")
@@ -458,21 +464,58 @@ def train(config: TrainConfig) -> History:
     (under fp16, overflowing gradients are the GradScaler's to skip).
     """
     run = setup_run(config)
+    last_barrier = None
     try:  # whatever stops the run, the folder's lock is released (a notebook may call train again at once)
-        resume(run)
-        run.batches = Prefetcher(run.stream, prefetch_depth(config, run.accelerator.device, run.cached))
         try:
-            run_loop(run)
+            resume(run)
+            run.batches = Prefetcher(run.stream, prefetch_depth(config, run.accelerator.device, run.cached))
+            try:
+                run_loop(run)
+            finally:
+                run.batches.close()
+            run.history.data_summary = data_summary(run.stream)
+            if run.accelerator.is_main_process:
+                write_artefacts(run)
+            last_barrier = barrier(run.accelerator)
+        except NonFiniteStop:  # every process stops at the same step: all of them meet here
+            last_barrier = barrier(run.accelerator)
+            raise
         finally:
-            run.batches.close()
-        run.history.data_summary = data_summary(run.stream)
-        if run.accelerator.is_main_process:
-            write_artefacts(run)
-        run.accelerator.wait_for_everyone()
+            run.accelerator.end_training()
+            release_output_dir(run.out)
     finally:
-        run.accelerator.end_training()
-        release_output_dir(run.out)
+        release_process_group(run, last_barrier)
     return run.history
+
+
+def barrier(accelerator):
+    """Wait for every process; return the barrier's handle (``None`` for a single process), for
+    :func:`release_process_group`."""
+    if accelerator.num_processes == 1:
+        return None
+    if not torch.distributed.is_initialized():  # accelerate started no process group (a stand-in, say)
+        accelerator.wait_for_everyone()
+        return None
+    handle = torch.distributed.barrier(async_op=True)
+    handle.wait()
+    return handle
+
+
+def release_process_group(run: TrainingRun, last_barrier) -> None:
+    """Drop the prepared model, and with it the process group's last reference, while ``last_barrier`` (the run's
+    final barrier) is still held, then that barrier.
+
+    gloo's worker threads are joined when the group is freed, by a thread that holds the GIL. Had a worker thread
+    held the last reference to the final barrier, it would free it there and wait for the GIL to do so: each
+    thread waits for the other, and a finished run never exits (seen once in ~60 two-process runs on a loaded
+    CPU: the stack showed ``~ProcessGroupGloo`` joining a thread stuck in ``~AsyncBarrierWork``). Held by the
+    caller, the barrier is freed after the join, by the caller's thread.
+    """
+    if last_barrier is None:
+        return
+    run.unet = None
+    run.accelerator.free_memory()  # the prepared (DDP) model holds the group
+    gc.collect()  # the group is freed here, not at some later collection
 
 
 def train_or_reuse(config: TrainConfig) -> tuple[History, TrainConfig]:

@@ -1,6 +1,8 @@
-"""Run by ``tests/test_distributed.py`` under ``torchrun``: a tiny training in which ONE process meets a non-finite loss.
+"""Run by ``tests/test_distributed.py`` as 2 processes: a tiny training in which ONE process meets a non-finite loss.
 
-``python -m torch.distributed.run --nproc_per_node 2 tests/distributed_run.py OUT STEPS -- TRAIN_ARGS...``
+``python tests/distributed_run.py OUT STEPS -- TRAIN_ARGS...`` in each process, with the environment ``torchrun`` gives
+its workers (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ...); ``torchrun --nproc_per_node 2 tests/distributed_run.py
+...`` runs it the same way.
 
 Rank 1 (only) turns its loss into NaN at the optimizer steps listed in ``STEPS`` (comma-separated). A GradScaler
 is installed where accelerate would install one for fp16 on a GPU (accelerate installs none on a CPU), because a
@@ -29,7 +31,6 @@ def install_scaler(run) -> None:
 def main_under_test(out: str, nan_steps: set[int], argv: list[str]) -> int:
     rank = int(os.environ["RANK"])
     captured, calls = {}, [0]
-    real_setup, real_step = train_module.setup_run, train_module.dpo_step
 
     def setup(config):
         run = real_setup(config)
@@ -44,13 +45,21 @@ def main_under_test(out: str, nan_steps: set[int], argv: list[str]) -> int:
             result.loss = result.loss * float("nan")  # still in the graph: this process backprops as the others do
         return result
 
-    train_module.setup_run, train_module.dpo_step = setup, step
+    def release(run, last_barrier):
+        threads = len(os.listdir("/proc/self/task"))  # gloo's worker threads are among them until the group is freed
+        real_release(run, last_barrier)
+        captured["release"] = {"barrier_held": last_barrier is not None,
+                               "threads_joined": threads - len(os.listdir("/proc/self/task"))}
+
+    real_setup, real_step, real_release = train_module.setup_run, train_module.dpo_step, train_module.release_process_group
+    train_module.setup_run, train_module.dpo_step, train_module.release_process_group = setup, step, release
     code = main(argv)
     run = captured["run"]
-    unet = run.accelerator.unwrap_model(run.unet)
+    unet = run.parts.unet  # the model the prepared (DDP) one wrapped
     torch.save({"params": {n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad},
                 "lr": run.lr_scheduler.get_last_lr()[0], "scale": run.accelerator.scaler.get_scale(),
-                "steps": calls[0], "code": code}, os.path.join(out, f"rank-{rank}.pt"))
+                "steps": calls[0], "code": code, "release": captured.get("release")},
+               os.path.join(out, f"rank-{rank}.pt"))
     return code
 
 

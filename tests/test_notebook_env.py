@@ -1,4 +1,4 @@
-"""The notebooks' device, dtype and runs folder."""
+"""The notebooks' device, dtype, runs folder and claims."""
 import gc
 import importlib
 
@@ -7,8 +7,8 @@ import torch
 
 import dpo_tutorial
 from dpo_tutorial.evaluate import eval_batch_pairs
-from dpo_tutorial.notebook_env import (checkout_root, notebook_config, notebook_device, notebook_dtype, notebook_setup,
-                                      runs_folder, shared_toy_config, toy_run_dir)
+from dpo_tutorial.notebook_env import (checkout_root, claim, notebook_config, notebook_device, notebook_dtype,
+                                      notebook_setup, runs_folder, shared_toy_config, toy_run_dir)
 from dpo_tutorial.testing.device_guard import GuardDevice
 
 
@@ -106,3 +106,17 @@ def test_notebook_setup_freezes_what_was_imported_and_importing_leaves_the_colle
             assert gc.isenabled() == collecting, f"importing dpo_tutorial left the collector {gc.isenabled()}"
         finally:
             gc.enable()
+
+
+def test_a_claim_is_checked_where_it_is_made_and_only_a_full_size_one_waits_for_the_full_run(monkeypatch, capsys):
+    monkeypatch.delenv("DPO_TUTORIAL_FAST", raising=False)
+    claim(1 + 1 == 2, "one plus one is two")
+    assert capsys.readouterr().out == "✓ one plus one is two\n"
+    for full_size in (False, True):  # in full mode every claim is checked
+        with pytest.raises(AssertionError, match="the notebook claims: the tuned model wins; this run does not show it"):
+            claim(False, "the tuned model wins", full_size=full_size)
+    monkeypatch.setenv("DPO_TUTORIAL_FAST", "1")
+    claim(False, "the tuned model wins", full_size=True)  # a short run cannot show it: said, not raised
+    assert capsys.readouterr().out == "(fast mode, small counts: not checked) the tuned model wins\n"
+    with pytest.raises(AssertionError, match="the two shapes agree"):
+        claim(False, "the two shapes agree")  # an identity holds at any size: checked in fast mode too

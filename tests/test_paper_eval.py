@@ -6,6 +6,7 @@ checked against an independent computation: images sampled directly with diffuse
 win-rates counted by hand, the implicit-reward accuracy of the same pairs through the package's own function,
 and the analytic values of a "tuned" model identical to the base (implicit accuracy and win-rate exactly 1/2).
 """
+import fcntl
 import json
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from dpo_tutorial.data import DataError, load_pickapic
 from dpo_tutorial.evaluate import win_rate
 from dpo_tutorial.paper_eval import (PaperEvalSettings, accuracy_interval, load_captions, prepare_out_dir, read_log,
                                      run_paper_eval)
+from dpo_tutorial.run_dir import release_output_dir
 
 CAPTIONS = ["a red circle", "a photo of a cat", "a blue square"]
 
@@ -203,6 +205,7 @@ def test_implicit_accuracy_resumes_chunk_by_chunk_with_the_same_draws(sd_dir, sd
     settings = PaperEvalSettings(pretrained=str(sd_dir), lora=str(sd_lora), pairs=str(pairs_parquet),
                                  pairs_split="train", num_draws=2, pair_batch=5, steps=2)
     whole = run_paper_eval(settings, tmp_path / "eval", progress=False)
+    assert lock_is_free(tmp_path / "eval")  # released when the evaluation ends
     log = tmp_path / "eval" / "implicit.jsonl"
     chunks = read_log(log)
     assert [c["rows"] for c in chunks] == [5, 5, 5, 2] and sum(c["pairs"] for c in chunks) == 15
@@ -235,7 +238,45 @@ def test_a_folder_with_other_settings_or_foreign_files_is_refused(sd_dir, tmp_pa
     crashed.mkdir()
     (crashed / ".settings.json.123-abcd1234.tmp").write_text('{"pretr')
     prepare_out_dir(crashed, settings)
-    assert sorted(p.name for p in crashed.iterdir()) == ["settings.json"]
+    assert sorted(p.name for p in crashed.iterdir()) == [".lock", "settings.json"]
+
+
+
+def lock_is_free(folder) -> bool:
+    """Whether another process could take ``folder``'s lock now (a second open file description stands in for one)."""
+    with open(folder / ".lock", "a+") as other:
+        try:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(other, fcntl.LOCK_UN)
+        return True
+
+
+def test_a_folder_another_evaluation_is_writing_is_refused_untouched(sd_dir, tmp_path, capsys):
+    """One evaluation per ``--out``: while another holds the folder's lock, a second one is a one-line error that
+    names the holder and the option, and leaves the running one's half-written file alone (it would have removed it
+    as a killed run's leftover). The lock goes with the evaluation that took it, also when it fails."""
+    settings = PaperEvalSettings(pretrained=str(sd_dir), lora=str(tmp_path), captions="prompts.txt", steps=2)
+    out = tmp_path / "eval"
+    prepare_out_dir(out, settings)
+    release_output_dir(out)
+    being_written = out / ".prompts.jsonl.99-abcd1234.tmp"
+    being_written.write_text('{"index": 0')
+    args = ["evaluate", "--pretrained", str(sd_dir), "--lora", str(tmp_path), "--captions", "prompts.txt",
+            "--steps", "2", "--out", str(out)]
+    with open(out / ".lock", "a+") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        holder.truncate(0)
+        holder.write("12345")  # the holder's pid, as lock_output_dir writes it
+        holder.flush()
+        assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "in use by another run (pid 12345)" in err and "another --out" in err and err.count("\n") == 1, err
+    assert being_written.read_text() == '{"index": 0'
+    assert main([*args[:-4], "--steps", "3", "--out", str(out)]) == 2  # other settings: refused ...
+    assert "other settings (steps 2 -> 3)" in capsys.readouterr().err
+    assert lock_is_free(out) and not being_written.exists()  # ... after cleaning, and the lock is released
 
 
 @pytest.mark.parametrize("extra, message", [
