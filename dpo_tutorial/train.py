@@ -502,8 +502,8 @@ def barrier(accelerator):
 
 
 def release_process_group(run: TrainingRun, last_barrier) -> None:
-    """Drop the prepared model, and with it the process group's last reference, while ``last_barrier`` (the run's
-    final barrier) is still held, then that barrier.
+    """Drop the prepared model, and with it the process group's last reference, while the caller still holds
+    ``last_barrier`` (the handle of the run's final barrier; ``None``: one process, nothing to do).
 
     gloo's worker threads are joined when the group is freed, by a thread that holds the GIL. Had a worker thread
     held the last reference to the final barrier, it would free it there and wait for the GIL to do so: each
