@@ -163,22 +163,22 @@ def is_first_process() -> bool:
 def run_train(args: argparse.Namespace) -> int:
     """``dpo-tutorial train``: print where the artefacts went and the last metrics (process 0 only)."""
     plan = plan_rerun(config_from_args(args))
-    speaks = is_first_process()
-    if plan.message and speaks:
+    if not is_first_process():  # the others train beside process 0 and leave the report (and --evaluate) to it
+        if plan.action != "finished":
+            train(plan.config)
+        return 0
+    if plan.message:
         print(plan.message.rstrip("\n"))
     config = plan.config
     if plan.action == "finished":
-        if speaks:
-            report_finished(config)
+        report_finished(config)
     else:
         history = train(config)
-        if not speaks:
-            return 0
         print(f"done: {len(history)} steps")
         for line in format_summary(history.summary):
             print(line)
         print(f"artefacts in {config.output_dir}" + (f"; LoRA: {history.lora_path}" if history.lora_path else ""))
-    if getattr(args, "evaluate", False) and speaks:
+    if getattr(args, "evaluate", False):
         evaluate_after_training(config)
     return 0
 

@@ -466,24 +466,22 @@ def train(config: TrainConfig) -> History:
     run = setup_run(config)
     last_barrier = None
     try:  # whatever stops the run, the folder's lock is released (a notebook may call train again at once)
+        resume(run)
+        run.batches = Prefetcher(run.stream, prefetch_depth(config, run.accelerator.device, run.cached))
         try:
-            resume(run)
-            run.batches = Prefetcher(run.stream, prefetch_depth(config, run.accelerator.device, run.cached))
-            try:
-                run_loop(run)
-            finally:
-                run.batches.close()
-            run.history.data_summary = data_summary(run.stream)
-            if run.accelerator.is_main_process:
-                write_artefacts(run)
-            last_barrier = barrier(run.accelerator)
-        except NonFiniteStop:  # every process stops at the same step: all of them meet here
-            last_barrier = barrier(run.accelerator)
-            raise
+            run_loop(run)
         finally:
-            run.accelerator.end_training()
-            release_output_dir(run.out)
+            run.batches.close()
+        run.history.data_summary = data_summary(run.stream)
+        if run.accelerator.is_main_process:
+            write_artefacts(run)
+        last_barrier = barrier(run.accelerator)
+    except NonFiniteStop:  # every process stops at the same step: all of them meet here
+        last_barrier = barrier(run.accelerator)
+        raise
     finally:
+        run.accelerator.end_training()
+        release_output_dir(run.out)
         release_process_group(run, last_barrier)
     return run.history
 
@@ -493,7 +491,7 @@ def barrier(accelerator):
     :func:`release_process_group`."""
     if accelerator.num_processes == 1:
         return None
-    if not torch.distributed.is_initialized():  # accelerate started no process group (a stand-in, say)
+    if not torch.distributed.is_initialized():  # several processes on a backend of their own (XLA): no handle
         accelerator.wait_for_everyone()
         return None
     handle = torch.distributed.barrier(async_op=True)
